@@ -1,0 +1,3 @@
+from fedpeft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""TaskEdge (arXiv 2504.03718): train a sparse, task-aware set of weights.
+
+Importance of weight W_ij = |W_ij| * ||X_j||_2, with X_j the j-th input of the layer over a
+calibration batch (for a conv, the j-th element of the unfolded input patch). Allocation is at
+the neuron level: every output neuron of a layer gets the same number of entries, its own top-k
+by importance, with k = round(density * fan_in) (at least 1), so the trainable set is spread
+evenly over the network instead of piling into a few layers. With an N:M pattern, each neuron's
+fan-in is cut into blocks of M consecutive inputs and whole blocks are chosen, each with exactly
+its top N entries (k rounded to a multiple of N).
+
+Only the masked entries train: each target layer is wrapped by `MaskedLayer`, which keeps the
+pre-trained weight frozen and learns a vector of `values` (one per masked entry) added at the
+mask's flat indices. The optimizer's state and the gradient that is kept are the size of the
+mask; the dense weight gradient exists only as a temporary inside backward. `taskedge_lora`
+learns a LoRA pair instead and adds its product B @ A only at the masked entries.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeft.errors import require
+from fedpeft.methods.base import Adapter, Delta, Method
+from fedpeft.methods.layers import dense_layers, freeze, set_submodule
+from fedpeft.models import head_of
+
+
+def parse_nm(value) -> tuple[int, int] | None:
+    """'2:4' or (2, 4) -> (2, 4); None/'' -> None."""
+    if value in (None, "", "none"):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        require(match is not None, f"nm: expected N:M such as 2:4, got {value!r}")
+        value = (int(match.group(1)), int(match.group(2)))
+    n, m = (int(v) for v in value)
+    require(0 < n <= m, f"nm: need 0 < N <= M in N:M, got {n}:{m}")
+    return n, m
+
+
+# -- importance ---------------------------------------------------------------------------------
+def input_norms(model: nn.Module, layers: dict[str, nn.Module], calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L2 norm of every input element of each layer over the calibration batch, shape (fan_in,)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float()
+            if isinstance(module, nn.Conv2d):
+                # Sum of squares of each unfolded patch element over positions and samples.
+                sq = F.unfold(x * x, module.kernel_size, module.dilation, module.padding, module.stride)
+                s = sq.sum(dim=(0, 2))
+            else:
+                s = (x * x).reshape(-1, x.shape[-1]).sum(dim=0)
+            sums[name] = sums.get(name, 0) + s
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(calibration)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+def importance(weight: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """|W| * ||X||, as a (out, fan_in) matrix. Without calibration data: |W| alone."""
+    w = weight.detach().abs().reshape(weight.shape[0], -1)
+    return w * norms.reshape(1, -1) if norms is not None else w
+
+
+# -- allocation ---------------------------------------------------------------------------------
+def per_neuron_count(fan_in: int, density: float, nm: tuple[int, int] | None) -> int:
+    k = max(1, round(density * fan_in))
+    if nm is not None:
+        n, m = nm
+        blocks = math.ceil(fan_in / m)
+        k = min(max(n, n * round(k / n)), n * blocks)
+    return min(k, fan_in)
+
+
+def neuron_mask(scores: torch.Tensor, k: int, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Flat indices into the (out, fan_in) matrix: each row's top-k (or top blocks of N:M)."""
+    out, fan_in = scores.shape
+    if nm is None:
+        cols = scores.topk(k, dim=1).indices
+    else:
+        n, m = nm
+        pad = (-fan_in) % m
+        padded = F.pad(scores, (0, pad), value=-1.0).view(out, -1, m)  # (out, blocks, m)
+        top_in_block = padded.topk(n, dim=2)  # exactly N per block
+        block_score = top_in_block.values.sum(dim=2)
+        chosen_blocks = block_score.topk(k // n, dim=1).indices  # (out, k/n)
+        within = top_in_block.indices.gather(1, chosen_blocks.unsqueeze(-1).expand(-1, -1, n))
+        cols = (chosen_blocks.unsqueeze(-1) * m + within).reshape(out, -1)
+    rows = torch.arange(out).unsqueeze(1)
+    return (rows * fan_in + cols).reshape(-1).sort().values
+
+
+# -- masked layers --------------------------------------------------------------------------------
+class MaskedLayer(nn.Module):
+    """A frozen conv/linear whose weight gets a trained sparse update at `indices`."""
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor, rank: int | None = None, alpha: float = 1.0):
+        super().__init__()
+        self.base = base
+        self.register_buffer("indices", indices.to(torch.int64))
+        self.rank = rank
+        if rank is None:
+            self.values = nn.Parameter(torch.zeros(indices.numel()))
+        else:
+            out = base.weight.shape[0]
+            self.scaling = alpha / rank
+            self.lora_A = nn.Parameter(torch.empty(rank, base.weight[0].numel()))
+            self.lora_B = nn.Parameter(torch.zeros(out, rank))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def update_values(self) -> torch.Tensor:
+        if self.rank is None:
+            return self.values
+        return (self.lora_B @ self.lora_A).reshape(-1)[self.indices] * self.scaling
+
+    def weight(self) -> torch.Tensor:
+        w = self.base.weight
+        return w.reshape(-1).index_add(0, self.indices, self.update_values()).view_as(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.Conv2d):
+            return F.conv2d(x, self.weight(), b.bias, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, self.weight(), b.bias)
+
+
+class TaskEdgeAdapter(Adapter):
+    def __init__(self, method: "TaskEdge", model: nn.Module, calibration: torch.Tensor | None):
+        super().__init__(method, model)
+        head_name = head_of(model)[0]
+        layers = dense_layers(model, include_head=not method.train_head)
+        norms = input_norms(model, layers, calibration) if calibration is not None else {}
+        freeze(model)
+        self.layers: dict[str, MaskedLayer] = {}
+        for name, layer in layers.items():
+            scores = importance(layer.weight, norms.get(name))
+            k = per_neuron_count(scores.shape[1], method.density, method.nm_pair)
+            masked = MaskedLayer(layer, neuron_mask(scores, k, method.nm_pair), method.lora_rank, method.lora_alpha)
+            set_submodule(model, name, masked)
+            self.layers[name] = masked
+        self.head_name = head_name if method.train_head else None
+        if self.head_name:
+            for p in model.get_submodule(head_name).parameters():
+                p.requires_grad_(True)
+
+    # Delta keys: "<layer>.weight.values" (+ ".lora_A"/".lora_B") and "<layer>.weight.indices".
+    def delta(self) -> Delta:
+        out: Delta = {}
+        for name, layer in self.layers.items():
+            if layer.rank is None:
+                out[f"{name}.weight.values"] = layer.values.detach().clone()
+            else:
+                out[f"{name}.weight.lora_A"] = layer.lora_A.detach().clone()
+                out[f"{name}.weight.lora_B"] = layer.lora_B.detach().clone()
+            out[f"{name}.weight.indices"] = layer.indices.clone()
+        if self.head_name:
+            for pname, p in self.model.get_submodule(self.head_name).named_parameters():
+                out[f"{self.head_name}.{pname}"] = p.detach().clone()
+        return out
+
+    def load_delta(self, delta: Delta) -> None:
+        """Adopt the delta's masks and values (a fresh adapter need not have computed the same mask)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                indices = delta[f"{name}.weight.indices"].to(torch.int64)
+                layer.indices = indices.clone()
+                if layer.rank is None:
+                    layer.values = nn.Parameter(delta[f"{name}.weight.values"].clone().float())
+                else:
+                    layer.lora_A.copy_(delta[f"{name}.weight.lora_A"])
+                    layer.lora_B.copy_(delta[f"{name}.weight.lora_B"])
+            if self.head_name:
+                for pname, p in self.model.get_submodule(self.head_name).named_parameters():
+                    p.copy_(delta[f"{self.head_name}.{pname}"])
+
+    def density(self) -> float:
+        """Masked entries over all entries of the target layers (the realised density)."""
+        masked = sum(layer.indices.numel() for layer in self.layers.values())
+        total = sum(layer.base.weight.numel() for layer in self.layers.values())
+        return masked / total
+
+
+@dataclass
+class TaskEdge(Method):
+    name = "taskedge"
+    density: float = 0.001
+    nm: str | None = None
+    train_head: bool = True
+
+    lora_rank = None
+    lora_alpha = 1.0
+
+    @property
+    def nm_pair(self) -> tuple[int, int] | None:
+        return parse_nm(self.nm)
+
+    def validate(self) -> None:
+        require(0 < self.density <= 1, f"density: must be in (0, 1], got {self.density}")
+        parse_nm(self.nm)
+
+    def attach(self, model: nn.Module, calibration: torch.Tensor | None = None) -> Adapter:
+        return TaskEdgeAdapter(self, model, calibration)
+
+
+@dataclass
+class TaskEdgeLoRA(TaskEdge):
+    """The LoRA product B @ A, gated by the TaskEdge mask (denser masks pay off here)."""
+
+    name = "taskedge_lora"
+    density: float = 0.01
+    rank: int = 4
+    alpha: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(isinstance(self.rank, int) and self.rank > 0, f"rank: must be a positive integer, got {self.rank}")
+        require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
+
+    @property
+    def lora_rank(self) -> int:  # type: ignore[override]
+        return self.rank
+
+    @property
+    def lora_alpha(self) -> float:  # type: ignore[override]
+        return self.alpha

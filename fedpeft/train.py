@@ -1,0 +1,100 @@
+"""Local training and evaluation, shared by every method, the CLI and the Flower client."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeft.errors import require
+from fedpeft.methods.base import Adapter
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the steps taken
+    accuracy: float  # training accuracy over the examples seen
+    examples: int  # examples seen (counting repeats over epochs)
+    steps: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None):
+    order = torch.randperm(len(labels), generator=generator) if generator is not None else torch.arange(len(labels))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield images[idx], labels[idx]
+
+
+def train(
+    adapter: Adapter,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress=None,
+) -> TrainResult:
+    """Train the adapter's model in place. `max_steps` caps the steps (a FLOP budget does that).
+
+    `progress`, if given, is called as progress(step, total_steps, loss) after every step.
+    """
+    require(len(labels) > 0, "data: no training examples")
+    require(batch_size > 0, f"batch_size: must be > 0, got {batch_size}")
+    require(epochs > 0, f"epochs: must be > 0, got {epochs}")
+    optimizer = optimizer or adapter.optimizer(lr=lr if lr is not None else adapter.method.lr)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    total = min(epochs * steps_per_epoch, max_steps) if max_steps is not None else epochs * steps_per_epoch
+    adapter.train_mode()
+    loss_sum, correct, seen, step = 0.0, 0, 0, 0
+    while step < total:
+        for x, y in batches(images, labels, batch_size, generator):
+            if len(y) < 2 and adapter.trains_bn_stats:
+                continue  # BatchNorm in train mode cannot normalise a batch of one
+            logits = adapter.model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if progress is not None:
+                progress(step, total, loss.item())
+            if step >= total:
+                break
+    adapter.model.eval()
+    return TrainResult(loss=loss_sum / max(step, 1), accuracy=correct / max(seen, 1), examples=seen, steps=step)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> EvalResult:
+    require(len(labels) > 0, "data: no evaluation examples")
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for x, y in batches(images, labels, batch_size, generator=None):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    return EvalResult(loss=loss_sum / len(labels), accuracy=correct / len(labels), examples=len(labels))
