@@ -26,10 +26,10 @@ def ensure_torchvision() -> None:
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
     sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    warnings.warn(
+    # warn_explicit with no source file to quote keeps the warning to one line.
+    warnings.warn_explicit(
         "torchvision's C++ ops do not match this torch build; running without them "
         "(models, transforms and datasets work; nms/roi ops do not)",
-        RuntimeWarning,
-        stacklevel=2,
+        RuntimeWarning, filename="fedpeft", lineno=0,
     )
     import torchvision  # noqa: F401,F811

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     import fedpeft.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"fedpeft.commands.{info.name}")
         module.register(subparsers)
     return parser
