@@ -62,6 +62,11 @@ class Adapter(ABC):
     def load_delta(self, delta: Delta) -> None:
         """Set the adapted state from a delta (this adapter was attached to the same pre-trained model)."""
 
+    def start_from(self, global_delta: Delta) -> None:
+        """Begin local training from the server's global adapter state. For most methods that is
+        `load_delta`; methods whose clients train different tensors (TaskEdge masks) override it."""
+        self.load_delta(global_delta)
+
     def delta_bytes(self) -> int:
         return tensor_bytes(self.delta())
 

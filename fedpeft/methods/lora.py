@@ -64,6 +64,8 @@ class LoRAAdapter(Adapter):
     def delta(self) -> Delta:
         state = get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME)
         state.update(self._depthwise_params())
+        if self.method.freeze_a:
+            state = {k: v for k, v in state.items() if "lora_A" not in k}
         return {k: v.detach().clone() for k, v in state.items()}
 
     def load_delta(self, delta: Delta) -> None:
@@ -74,7 +76,8 @@ class LoRAAdapter(Adapter):
             raise KeyError(f"LoRA delta has keys this adapter lacks: {result.unexpected_keys[:3]}")
         with torch.no_grad():
             for key, param in depthwise.items():
-                param.copy_(delta[key])
+                if key in delta:
+                    param.copy_(delta[key])
 
     def export_peft(self, directory: str | Path) -> Path:
         """Write the adapter in peft's own format (adapter_config.json + adapter_model.safetensors)."""
@@ -93,6 +96,7 @@ class LoRA(Method):
     dropout: float = 0.0
     depthwise: bool = False
     train_head: bool = True
+    freeze_a: bool = False  # FFA-LoRA: A stays at its seeded init; only B trains and is sent
 
     use_dora = False
 
@@ -125,8 +129,12 @@ class LoRA(Method):
         peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
         # peft freezes every parameter whose name lacks its prefix; name ours explicitly.
         for module in depthwise.values():
-            module.dw_lora_A.requires_grad_(True)
+            module.dw_lora_A.requires_grad_(not self.freeze_a)
             module.dw_lora_B.requires_grad_(True)
+        if self.freeze_a:
+            for name, param in peft_model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
         return LoRAAdapter(self, model, peft_model, depthwise)
 
 

@@ -160,12 +160,40 @@ class TaskEdgeAdapter(Adapter):
             for p in model.get_submodule(head_name).parameters():
                 p.requires_grad_(True)
 
+    def start_from(self, global_delta: Delta) -> None:
+        """Start from the global sparse update while keeping this client's own (local-data) mask.
+
+        The global update (the union of every client's entries) is folded into the frozen base
+        weight; this client's values start at zero on top of it, and its delta adds back the
+        global values at its own entries, so the delta stays relative to the pre-trained model.
+        """
+        if self.method.lora_rank is not None:
+            self.load_delta(global_delta)  # taskedge_lora clients share one dense LoRA pair shape
+            return
+        self.offsets = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                key = f"{name}.weight"
+                if f"{key}.indices" not in global_delta:
+                    continue
+                g_idx = global_delta[f"{key}.indices"].to(torch.int64)
+                g_val = global_delta[f"{key}.values"].to(layer.base.weight.dtype)
+                layer.base.weight.view(-1).index_add_(0, g_idx, g_val)
+                dense = torch.zeros(layer.base.weight.numel(), dtype=g_val.dtype)
+                dense[g_idx] = g_val
+                self.offsets[name] = dense[layer.indices]
+            if self.head_name:
+                for pname, p in self.model.get_submodule(self.head_name).named_parameters():
+                    p.copy_(global_delta[f"{self.head_name}.{pname}"])
+
     # Delta keys: "<layer>.weight.values" (+ ".lora_A"/".lora_B") and "<layer>.weight.indices".
     def delta(self) -> Delta:
         out: Delta = {}
         for name, layer in self.layers.items():
             if layer.rank is None:
-                out[f"{name}.weight.values"] = layer.values.detach().clone()
+                offset = getattr(self, "offsets", {}).get(name)
+                values = layer.values.detach()
+                out[f"{name}.weight.values"] = (values + offset) if offset is not None else values.clone()
             else:
                 out[f"{name}.weight.lora_A"] = layer.lora_A.detach().clone()
                 out[f"{name}.weight.lora_B"] = layer.lora_B.detach().clone()

@@ -1,0 +1,1 @@
+"""The Flower ClientApp: one edge device's round of budgeted local adaptation."""

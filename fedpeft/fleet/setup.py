@@ -1,0 +1,56 @@
+"""What client and server both build from the run config: the task, the pre-trained model, the
+adapter (seeded, so every client and the server start from the same adapter init)."""
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from fedpeft.data.datasets import ImageDataset
+from fedpeft.data.partition import partition_for
+from fedpeft.data.tasks import Task, make_task
+from fedpeft.fleet.config import RunConfig
+from fedpeft.methods import Adapter, make_method
+from fedpeft.models import build_model
+from fedpeft.pretrain import pretrained_checkpoint
+
+CALIBRATION_EXAMPLES = 64
+
+
+@functools.lru_cache(maxsize=2)
+def _task(frozen: str) -> Task:
+    cfg = json.loads(frozen)
+    common = {"dataset": cfg["dataset"], "seed": cfg["seed"], "root": cfg["data_dir"] or None, "size": cfg["input_size"]}
+    if cfg["task"] == "shift":
+        return make_task("shift", corruption=cfg["corruption"], severity=cfg["severity"], **common)
+    return make_task("unseen", **common)
+
+
+def task_for(cfg: RunConfig) -> Task:
+    keys = ("dataset", "seed", "data_dir", "input_size", "task", "corruption", "severity")
+    return _task(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True))
+
+
+def checkpoint_for(cfg: RunConfig, log=None):
+    return pretrained_checkpoint(cfg.model, task_for(cfg), input_size=cfg.input_size, epochs=cfg.pretrain_epochs,
+                                 seed=cfg.seed, cache=cfg.cache_dir or None, log=log)
+
+
+def pretrained_model(cfg: RunConfig) -> torch.nn.Module:
+    task = task_for(cfg)
+    return build_model(cfg.model, num_classes=task.num_classes, input_size=cfg.input_size,
+                       checkpoint=checkpoint_for(cfg), seed=cfg.seed)
+
+
+def attach(cfg: RunConfig, method: str, rank: int | None, calibration: torch.Tensor | None) -> Adapter:
+    model = pretrained_model(cfg)
+    torch.manual_seed(cfg.seed)  # identical adapter init (LoRA's A, ...) on every node
+    return make_method(method, **cfg.method_hparams(method, rank)).attach(model, calibration=calibration)
+
+
+def client_data(cfg: RunConfig, partition_id: int) -> ImageDataset:
+    target = task_for(cfg).target_train
+    indices = partition_for(target.labels, partition_id, cfg.num_clients, scheme=cfg.partition,
+                            alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    return target.subset(indices)
