@@ -115,13 +115,23 @@ def client_round(cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, serv
         _load_local_bn(cfg, adapter, client_id)
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
                    max_steps=setting.max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
+    if client_id in cfg.client_ids("fail_clients"):
+        raise RuntimeError(f"injected failure: client {client_id} is in fail_clients")
     delta = adapter.delta()
+    if client_id in cfg.client_ids("corrupt_clients"):
+        delta = _corrupted(delta)
     if cfg.fedbn:
         delta = _keep_local_bn(cfg, adapter, delta, client_id)
     record, encoded = encode(delta, cfg.upload_codec)
     metrics.update(examples=result.examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
                    quant_error=float(encoded.max_abs_error), **{"num-examples": result.examples})
     return finish(record, setting.cost.flops)
+
+
+def _corrupted(delta: dict) -> dict:
+    """A malformed upload for fault tests: one tensor truncated, one unexpected tensor added."""
+    key = next(iter(delta))
+    return {**delta, key: delta[key].reshape(-1)[:-1].clone(), "unexpected.tensor": torch.zeros(3)}
 
 
 # -- FedBN: BatchNorm stays on the device. Virtual clients keep no memory between rounds, so a

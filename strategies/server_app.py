@@ -35,7 +35,6 @@ def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict:
-    started = time.perf_counter()
     log = RunLog(cfg.out, cfg.to_dict())
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     template = setup.attach(cfg, cfg.method, cfg.rank, calibration=None).delta()
@@ -71,15 +70,14 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     try:
-        strategy.start(grid=grid, initial_arrays=encode(initial)[0], num_rounds=cfg.rounds,
+        strategy.start(grid=grid, initial_arrays=encode(initial)[0] if initial else ArrayRecord(), num_rounds=cfg.rounds,
                        train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
     finally:
         bar.close()
     from fedpeft.report import plot_run, summarize
 
     summary = summarize(log.dir)
-    plot_run(log.dir)
-    summary["wall_s"] = round(time.perf_counter() - started, 2)
+    plot_run(log.dir, summary)
     return summary
 
 

@@ -282,3 +282,15 @@ def test_compare_without_fft_has_no_ratio(tmp_path):
     assert "up/fft" not in report.compare_table(rows)
     with pytest.raises(UsageError):
         report.compare({}, tmp_path / "o")
+
+
+def test_minimal_failed_and_rejected_records_from_the_server(tmp_path):
+    # A reply that errored or was malformed leaves only round, node and status: no device, no costs.
+    extra = [{"round": 2, "client_id": None, "node_id": 7, "status": "failed", "error": "boom"},
+             {"round": 2, "client_id": None, "node_id": 8, "status": "rejected", "error": "malformed reply"}]
+    s = report.summarize(make_run(tmp_path / "r", clients=CLIENTS + extra))
+    assert s["status_counts"] == {"ok": 4, "over_budget": 2, "unavailable": 1, "failed": 2, "rejected": 1}
+    assert s["bytes_up"] == 4000 and s["energy_j"] == pytest.approx(102.2) and s["clients"] == 4
+    unknown = s["devices"]["unknown"]
+    assert (unknown["records"], unknown["failed"], unknown["rejected"], unknown["ram_budget_bytes"]) == (2, 1, 1, None)
+    assert any(line.startswith("unknown") for line in report.run_table(s).splitlines())

@@ -46,6 +46,9 @@ class RunConfig:
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
     pretrain_epochs: int = 8
+    # fault injection, for testing what a fleet survives: client ids, comma-separated
+    fail_clients: str = ""  # these raise during training (the server logs them as failed)
+    corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
     # bookkeeping
     seed: int = 0
     out: str = "runs/latest"
@@ -76,6 +79,8 @@ class RunConfig:
         if self.fleet:
             require(Path(self.fleet).is_file(), f"fleet: no such file {self.fleet!r}")
         make_method(self.method, **self.method_hparams())  # validates rank, density, nm
+        self.client_ids("fail_clients")
+        self.client_ids("corrupt_clients")
 
     def method_hparams(self, method: str | None = None, rank: int | None = None) -> dict:
         from fedpeft.methods import method_fields
@@ -85,6 +90,13 @@ class RunConfig:
               "freeze_a": self.lora_mode == "ffa"}
         known = method_fields(method or self.method)
         return {k: v for k, v in hp.items() if k in known and v is not None}
+
+    def client_ids(self, field_name: str) -> set[int]:
+        text = getattr(self, field_name).strip()
+        try:
+            return {int(x) for x in text.split(",") if x.strip()}
+        except ValueError:
+            raise UsageError(f"{field_name}: expected comma-separated client ids, got {text!r}") from None
 
     @property
     def per_round(self) -> int:

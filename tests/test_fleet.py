@@ -1,0 +1,170 @@
+"""The federated fleet: a real Flower simulation on Ray, budgets, adapter-only exchange, faults."""
+import json
+import math
+
+import psutil
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from clients.local_update import client_round
+from fedpeft.errors import UsageError
+from fedpeft.fleet.budget import step_cost
+from fedpeft.fleet.config import RunConfig
+from fedpeft.payload import decode, encode, record_bytes
+
+CLIENT_FIELDS = {
+    "round", "client_id", "node_id", "device", "method", "rank", "batch_size", "status", "chosen", "adapted",
+    "examples", "steps", "loss", "peak_memory_bytes", "memory_by_category", "ram_budget_bytes", "flops",
+    "bytes_up", "bytes_down", "upload_codec", "quant_error", "wall_s", "compute_s", "comm_s",
+    "device_time_s", "energy_j", "error",
+}
+ROUND_FIELDS = {"round", "accuracy", "loss", "clients_sampled", "clients_ok", "clients_failed",
+                "clients_over_budget", "clients_unavailable", "clients_rejected", "bytes_up", "bytes_down", "wall_s"}
+
+
+def small_config(tmp_path, **overrides) -> RunConfig:
+    fleet = tmp_path / "fleet.toml"
+    if not fleet.exists():
+        fleet.write_text(
+            '[[group]]\ndevice = "raspberry_pi_4_4gb"\ncount = 2\navailability = 1.0\n\n'
+            '[[group]]\ndevice = "jetson_orin_nano"\ncount = 2\navailability = 1.0\n'
+        )
+    values = dict(model="mobilenet_v2_035", num_clients=4, rounds=2, pretrain_epochs=1, batch_size=32,
+                  fleet=str(fleet), out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "fleet-cache"))
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def is_adapter_key(method: str, key: str) -> bool:
+    if method in ("lora", "dora"):
+        return "lora_" in key or ".classifier." in key
+    if method == "taskedge":
+        return key.endswith((".values", ".indices")) or key.startswith("classifier.")
+    raise AssertionError(method)
+
+
+# -- one client's round, without Ray ---------------------------------------------------------------
+def test_lora_client_uploads_exactly_its_serialized_adapter(tmp_path):
+    cfg = small_config(tmp_path)
+    reply = client_round(cfg, {"partition-id": 0}, ArrayRecord(), server_round=1)
+    assert reply.info["status"] == "ok", reply.info
+    delta = decode(reply.arrays)
+    assert delta and all(is_adapter_key("lora", k) for k in delta), sorted(delta)[:5]
+    assert reply.metrics["bytes_up"] == record_bytes(reply.arrays) == encode(delta)[1].bytes
+    tensor_bytes = sum(t.numel() * t.element_size() for t in delta.values())
+    assert tensor_bytes < reply.metrics["bytes_up"] <= tensor_bytes + 128 * len(delta)  # + one .npy header each
+
+    # Round 2 starts from the global adapter: what comes down is adapter tensors only, and counted.
+    second = client_round(cfg, {"partition-id": 1}, reply.arrays, server_round=2)
+    assert second.metrics["bytes_down"] == record_bytes(reply.arrays)
+    assert set(decode(second.arrays)) == set(delta)
+
+    fft = client_round(small_config(tmp_path, method="fft"), {"partition-id": 0}, ArrayRecord(), server_round=1)
+    assert fft.info["status"] == "ok"
+    assert fft.metrics["bytes_up"] > 3 * reply.metrics["bytes_up"]
+
+
+def test_over_budget_client_adapts_or_is_skipped(tmp_path):
+    cfg = small_config(tmp_path)
+    big = step_cost(cfg, "lora", 4, 32, 10).peak_bytes
+    small = step_cost(cfg, "lora", 4, 8, 10).peak_bytes
+    assert small < big
+    fleet = tmp_path / "tight.toml"
+    fleet.write_text(f'[[client]]\ndevice = "phone_low"\nram_train_bytes = {(small + big) // 2}\navailability = 1.0\n'
+                     '[[client]]\ndevice = "phone_low"\navailability = 1.0\n')
+    adapt = client_round(small_config(tmp_path, fleet=str(fleet), num_clients=2), {"partition-id": 0}, ArrayRecord(), 1)
+    assert adapt.info["status"] == "ok" and adapt.info["adapted"] is True
+    assert adapt.metrics["batch_size"] < 32 and "adapted from lora r=4 batch=32" in adapt.info["chosen"]
+    assert adapt.metrics["peak_memory_bytes"] <= adapt.metrics["ram_budget_bytes"]
+
+    strict_cfg = small_config(tmp_path, fleet=str(fleet), num_clients=2, budget_policy="strict")
+    strict = client_round(strict_cfg, {"partition-id": 0}, ArrayRecord(), 1)
+    assert strict.info["status"] == "over_budget" and strict.info["error"]
+    assert strict.metrics["bytes_up"] == 0 and len(strict.arrays) == 0 and strict.metrics["steps"] == 0
+
+
+def test_adapt_falls_back_to_a_cheaper_method_when_nothing_else_fits(tmp_path):
+    cfg = small_config(tmp_path, method="fft")
+    fft_min = step_cost(cfg, "fft", None, 2, 10).peak_bytes
+    lora_min = step_cost(cfg, "lora", 4, 2, 10).peak_bytes
+    assert lora_min < fft_min
+    fleet = tmp_path / "tiny.toml"
+    fleet.write_text(f'[[client]]\ndevice = "esp32_s3"\nram_train_bytes = {(lora_min + fft_min) // 2}\navailability = 1.0\n')
+    reply = client_round(small_config(tmp_path, method="fft", fleet=str(fleet), num_clients=1),
+                         {"partition-id": 0}, ArrayRecord(), 1)
+    assert reply.info["status"] == "ok" and reply.info["method"] == "lora", reply.info
+    assert "adapted from fft" in reply.info["chosen"]
+    assert reply.metrics["peak_memory_bytes"] <= reply.metrics["ram_budget_bytes"]
+
+
+def test_flop_budget_bounds_local_steps(tmp_path):
+    cfg = small_config(tmp_path)
+    per_step = step_cost(cfg, "lora", 4, 32, 10).total_flops
+    reply = client_round(small_config(tmp_path, max_flops_per_round=3.5 * per_step), {"partition-id": 0}, ArrayRecord(), 1)
+    assert reply.metrics["steps"] == 3
+    assert reply.metrics["flops.total"] == 3 * per_step
+    from fedpeft.devices import load_catalog
+
+    device = load_catalog()["raspberry_pi_4_4gb"]  # partition 0 of the test fleet
+    assert math.isclose(reply.metrics["compute_s"], 3 * per_step / device.flops_per_s)
+    assert math.isclose(reply.metrics["energy_j"], device.power_w * (reply.metrics["compute_s"] + reply.metrics["comm_s"]))
+
+
+def test_real_board_node_config_names_its_device(tmp_path):
+    cfg = small_config(tmp_path)
+    reply = client_round(cfg, {"partition-id": 2, "device": "raspberry_pi_5"}, ArrayRecord(), 1)
+    assert reply.info["device"] == "raspberry_pi_5"
+    with pytest.raises(UsageError, match="device"):
+        client_round(cfg, {"partition-id": 2, "device": "toaster"}, ArrayRecord(), 1)
+
+
+def test_bad_run_config_names_the_field():
+    with pytest.raises(UsageError, match="^lora_mode"):
+        RunConfig.from_mapping({"lora-mode": "average"})
+    with pytest.raises(UsageError, match="^config: unknown field 'colour'"):
+        RunConfig.from_mapping({"colour": "red"})
+    with pytest.raises(UsageError, match="^rounds"):
+        RunConfig.from_mapping({"rounds": "two"})
+
+
+# -- a real Flower simulation on Ray ---------------------------------------------------------------
+def ray_processes():
+    return [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline()).lower()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "taskedge"])
+def test_simulation_logs_every_client_every_round_and_survives_faults(tmp_path, method):
+    from fedpeft.fleet.simulation import run_fleet
+
+    cfg = small_config(tmp_path, method=method, fail_clients="1", corrupt_clients="2")
+    summary = run_fleet(cfg)
+    run = tmp_path / "run"
+    clients = [json.loads(line) for line in (run / "clients.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+
+    assert len(clients) == cfg.num_clients * cfg.rounds
+    by_status = {}
+    for rec in clients:
+        by_status.setdefault(rec["status"], []).append(rec)
+    assert len(by_status["failed"]) == cfg.rounds and "injected failure" in by_status["failed"][0]["error"]
+    assert len(by_status["rejected"]) == cfg.rounds and all(r["client_id"] == 2 for r in by_status["rejected"])
+    ok = by_status["ok"]
+    assert len(ok) == 2 * cfg.rounds
+    for rec in ok:
+        assert CLIENT_FIELDS <= set(rec), CLIENT_FIELDS - set(rec)
+        assert rec["bytes_up"] > 0 and rec["flops"]["total"] > 0 and rec["peak_memory_bytes"] > 0
+        assert rec["device_time_s"] > 0 and rec["energy_j"] > 0 and rec["examples"] > 0
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds:
+        assert ROUND_FIELDS <= set(r) and isinstance(r["accuracy"], float) and 0 <= r["accuracy"] <= 1
+    assert rounds[1]["clients_ok"] == 2 and rounds[1]["clients_failed"] == 1 and rounds[1]["clients_rejected"] == 1
+
+    # Only adapter tensors crossed: the saved global state holds nothing else.
+    global_state = torch.load(run / "global_adapter.pt", weights_only=True)
+    assert global_state and all(is_adapter_key(method, k) for k in global_state)
+    for name in ("summary.json", "accuracy.png", "uplink.png", "memory.png", "device_time.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert summary["rounds"] == 2 and summary["status_counts"]["ok"] == len(ok)
+    assert not ray_processes(), "the run left Ray processes behind"
