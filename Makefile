@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedpeft demo
+	$(VENV)/bin/fedpeft demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs

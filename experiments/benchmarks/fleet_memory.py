@@ -17,11 +17,13 @@ How it measures:
   * In that subprocess a background thread samples every 0.2 s: the RSS of the driver and of
     each process in psutil's Process().children(recursive=True), summed per sample; the
     maximum sum is the tree peak, the driver's maximum is reported apart. Every process the
-    subprocess starts also carries a unique environment tag, so a process that left the tree
-    (re-parented) is still counted and, after the run, still found.
-  * After the run, every process seen in the tree must be gone within a few seconds (Ray shut
-    down), and once the subprocess has exited no tagged process may be left; any survivor is
-    reported (and then killed by pid, so a failed run leaves nothing behind).
+    subprocess starts also carries a unique environment tag, and about once a second the
+    sampler looks for tagged processes outside the tree: when Ray shuts down, its workers are
+    orphaned (re-parented to init) for a few seconds before they exit, and they still count
+    (listed as escaped_tree in the JSON).
+  * After the run, every process seen in the tree must be gone within 15 s (Ray shut down;
+    teardown_s says how long it took), and once the subprocess has exited no tagged process may
+    be left; any survivor is reported (and then killed by pid, so a failed run leaves nothing).
 Summed RSS counts shared pages (libraries, Ray's object store) once per process that maps
 them, so it overstates the true footprint; it is the same overstatement at both sizes.
 
@@ -87,9 +89,11 @@ class TreeSampler:
         self.peak_root = 0
         self.peak_processes = 0  # processes in the sample that set the tree peak
         self.max_processes = 0
+        self.at_peak: list[tuple[str, int]] = []  # (name, rss) of each process in the peak sample
         self.samples = 0
         self.seen: dict[tuple[int, float], str] = {}  # (pid, create_time) -> name
-        self.escaped: set[tuple[int, float]] = set()  # tagged, alive, but not below root
+        self.escaped: dict[tuple[int, float], str] = {}  # tagged, alive, but not below root
+        self._t0 = time.monotonic()
         self._extra: dict[int, psutil.Process] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
@@ -119,9 +123,14 @@ class TreeSampler:
         below = {p.pid for p in procs}
         if self.tag and self.samples % self.scan_every == 0:
             for proc in _tagged(self.tag, exclude=below):
+                try:  # born after the listing above, still below root: counted from the next sample on
+                    if self.root.pid in {parent.pid for parent in proc.parents()}:
+                        continue
+                except psutil.Error:
+                    continue
                 self._extra.setdefault(proc.pid, proc)
         procs += [p for pid, p in self._extra.items() if pid not in below]
-        total, counted, root_rss = 0, 0, 0
+        total, counted, root_rss, parts = 0, 0, 0, []
         for proc in procs:
             try:
                 rss = proc.memory_info().rss
@@ -129,17 +138,22 @@ class TreeSampler:
                 self.seen.setdefault(key, proc.name())
             except (psutil.Error, OSError):
                 continue  # exited (or became a zombie) between listing and reading
-            if proc.pid not in below:
-                self.escaped.add(key)
+            if proc.pid not in below and key not in self.escaped:
+                try:
+                    ppid = proc.ppid()
+                except psutil.Error:
+                    ppid = None
+                self.escaped[key] = f"{self.seen[key]} (pid {proc.pid}, ppid {ppid}, at {time.monotonic() - self._t0:.1f} s)"
             total += rss
             counted += 1
+            parts.append((self.seen[key], rss))
             if proc.pid == self.root.pid:
                 root_rss = rss
         self.samples += 1
         self.max_processes = max(self.max_processes, counted)
         self.peak_root = max(self.peak_root, root_rss)
         if total > self.peak_tree:
-            self.peak_tree, self.peak_processes = total, counted
+            self.peak_tree, self.peak_processes, self.at_peak = total, counted, parts
 
     def alive(self) -> list[dict]:
         """Processes seen in the tree (the root aside) that still run."""
@@ -171,11 +185,12 @@ def run_one(num_clients: int, clients_per_round: int, rounds: int, model: str, p
     with TreeSampler(interval=interval, tag=os.environ.get(TAG_VAR)) as sampler:
         summary = run_fleet(cfg)
     wall_s = time.perf_counter() - started
-    deadline = time.monotonic() + grace_s
-    survivors = sampler.alive()
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.5)
+    ended = time.monotonic()  # Ray's shutdown returns before all its processes are gone: allow grace_s
+    lingering = survivors = sampler.alive()
+    while survivors and time.monotonic() < ended + grace_s:
+        time.sleep(0.25)
         survivors = sampler.alive()
+    teardown_s = time.monotonic() - ended
     per_round = [r for r in summary.get("per_round", []) if r.get("round", 0) >= 1]
     return {
         "num_clients": num_clients,
@@ -185,9 +200,12 @@ def run_one(num_clients: int, clients_per_round: int, rounds: int, model: str, p
         "peak_driver_rss_bytes": sampler.peak_root,
         "driver_maxrss_kernel_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "processes_at_peak": sampler.peak_processes,
+        "rss_mib_at_peak": [f"{name} {rss / MIB:.0f}" for name, rss in sorted(sampler.at_peak, key=lambda p: -p[1])],
         "max_processes": sampler.max_processes,
         "processes_seen": len(sampler.seen),
-        "escaped_tree": sorted(sampler.seen[key] for key in sampler.escaped),
+        "escaped_tree": sorted(sampler.escaped.values()),
+        "lingering_after_run": len(lingering),  # still alive when run_fleet returned
+        "teardown_s": round(teardown_s, 2),  # until none of them was left (or grace_s ran out)
         "samples": sampler.samples,
         "wall_s": round(wall_s, 2),
         "rounds_completed": summary.get("rounds", 0),
@@ -311,12 +329,13 @@ def table(report: dict) -> str:
     lines = [f"fleet memory ({report['case']}): {cfg['model']}, {cfg['clients_per_round']} clients per round, "
              f"{cfg['rounds']} rounds, {report['machine']['cpus']} CPUs",
              f"{'clients':>7}  {'tree peak MiB':>13}  {'driver peak MiB':>15}  {'procs':>5}  {'wall s':>7}  "
-             f"{'rounds':>6}  {'updates ok':>10}  {'survivors':>9}"]
+             f"{'rounds':>6}  {'updates ok':>10}  {'teardown s':>10}  {'survivors':>9}"]
     for r in report["runs"]:
         survivors = len(r["survivors_in_driver"]) + len(r["survivors_after_exit"])
         lines.append(f"{r['num_clients']:>7}  {r['peak_tree_rss_bytes'] / MIB:>13.1f}  "
                      f"{r['peak_driver_rss_bytes'] / MIB:>15.1f}  {r['processes_at_peak']:>5}  {r['wall_s']:>7.1f}  "
-                     f"{r['rounds_completed']:>3}/{r['rounds_planned']:<2}  {r['clients_ok']:>10}  {survivors:>9}")
+                     f"{r['rounds_completed']:>3}/{r['rounds_planned']:<2}  {r['clients_ok']:>10}  {r['teardown_s']:>10.1f}  "
+                     f"{survivors:>9}")
     small, large = report["runs"][0]["num_clients"], report["runs"][-1]["num_clients"]
     verdict = "yes" if report["within_limit"] else "NO"
     lines.append(f"ratio {large} vs {small} clients: tree {report['ratio_tree']:.2f}x, driver "

@@ -27,12 +27,12 @@ def finetune(args) -> dict:
     from fedpeft.pretrain import pretrained_checkpoint
     from fedpeft.train import evaluate, train
 
+    method = make_method(args.method, **cli_options.method_hparams(args))  # bad hyper-parameters fail before any work
     task = cli_options.task_from_args(args)
     checkpoint = pretrained_checkpoint(args.model, task, input_size=args.input_size, epochs=args.pretrain_epochs,
                                        seed=args.seed, cache=args.cache_dir)
     model = build_model(args.model, num_classes=task.num_classes, input_size=args.input_size,
                         checkpoint=checkpoint, seed=args.seed)
-    method = make_method(args.method, **cli_options.method_hparams(args))
     target = task.target_train
     calibration = target.images[: min(64, len(target))]
     adapter = method.attach(model, calibration=calibration)

@@ -19,11 +19,11 @@ Flower 1.42 facts this relies on (read from the installed flwr package):
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -263,6 +263,8 @@ def start_superlink(state_dir: str | Path, port_base: int | None = None, env: di
     cmd = [_bin("flower-superlink"), "--insecure", "--database", str(state_dir / "state.db"),
            "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port)]
     log_path = state_dir / "superlink.log"
+    # Its own FLWR_HOME: the SuperLink unpacks each run's FAB under $FLWR_HOME/apps.
+    env = {"FLWR_HOME": str(state_dir / "flwr-home"), **(env or {})}
     popen = _popen(cmd, log_path, flower_env(env), cwd=state_dir)
     proc = Proc.from_popen("flower-superlink", popen, log_path=log_path, address=f"{HOST}:{port}")
     try:
@@ -295,8 +297,10 @@ def start_supernode(superlink_address: str, node_config: dict, port: int | None 
     node_cfg = format_node_config(node_config)
     cmd = [_bin("flower-supernode"), "--insecure", "--superlink", superlink_address,
            "--node-config", node_cfg, "--host", HOST, "--port", str(port)]
-    log_dir = Path(log_dir).resolve() if log_dir else Path.cwd()
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedpeft-supernode-")).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"supernode-{port}.log"
+    env = {"FLWR_HOME": str(log_dir / f"flwr-home-{port}"), **(env or {})}
     popen = _popen(cmd, log_path, flower_env(env), cwd=log_dir)
     proc = Proc.from_popen("flower-supernode", popen, log_path=log_path, address=f"{HOST}:{port}")
     try:
@@ -455,7 +459,3 @@ def run_flwr(app_dir: str | Path, federation: str, run_config: dict, flwr_home: 
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
     completed = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     return FlwrRun(completed, [link.pid for link in superlinks], pids, wall)
-
-
-def command_line(cmd: list[str]) -> str:
-    return shlex.join(cmd)

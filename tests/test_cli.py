@@ -1,0 +1,98 @@
+"""The `fedpeft` command: bad input fails with one clear line, the main commands run end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "mobilenet_v2_035", "--pretrain-epochs", "1"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    # The torchvision shim's one-line warning appears on machines that need the shim; it is not an error.
+    return [line for line in stderr.splitlines() if line.strip() and "RuntimeWarning" not in line]
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["finetune", "--model", "vgg"], "--model"),
+        (["finetune", "--method", "adapterfusion"], "--method"),
+        (["finetune", "--rank", "0"], "--rank"),
+        (["finetune", "--density", "0"], "--density"),
+        (["finetune", "--density", "1.5"], "--density"),
+        (["finetune", "--method", "taskedge", "--nm", "4:2"] + FAST, "nm"),
+        (["finetune", "--dataset", "cifar10", "--data-dir", "/does/not/exist"] + FAST, "data-dir"),
+        (["pretrain", "--severity", "9"], "--severity"),
+        (["simulate", "--lora-mode", "mean"], "lora_mode"),
+        (["simulate", "--set", "colour=red"], "colour"),
+        (["simulate", "--num-clients", "-3"], "--num-clients"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(argv, names, capsys, tmp_path):
+    argv = argv + ["--cache-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in lines[0], lines
+
+
+def test_bad_fleet_file_names_the_field(tmp_path, capsys):
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[group]]\ndevice = "raspberry_pi_4_4gb"\ncount = 2\nram_train_bytes = -5\n')
+    assert main(["simulate", "--fleet", str(fleet), "--cache-dir", str(tmp_path)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "ram_train_bytes" in lines[0], lines
+
+
+def test_errors_from_a_real_process_carry_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedpeft", "finetune", "--method", "lora", "--rank", "-1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(error_lines(proc.stderr)) == 1
+
+
+def test_finetune_runs_and_reports(tmp_path, capsys):
+    export = tmp_path / "adapter"
+    argv = ["finetune", *FAST, "--method", "lora", "--epochs", "1", "--cache-dir", str(tmp_path),
+            "--export-peft", str(export), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["method"] == "lora" and 0 <= out["accuracy_after"] <= 1 and out["steps"] > 0
+    assert 0 < out["params_trainable"] < out["params_total"] and out["delta_bytes"] == 4 * out["params_trainable"]
+    assert (export / "adapter_config.json").is_file() and (export / "adapter_model.safetensors").is_file()
+
+
+def test_pretraining_is_deterministic_and_cached(tmp_path, capsys):
+    from fedpeft.data.tasks import make_task
+    from fedpeft.pretrain import pretrained_checkpoint
+
+    task = make_task("shift", corruption="impulse_noise", severity=5)
+    first = pretrained_checkpoint("mobilenet_v2_035", task, epochs=1, cache=tmp_path / "a", log=lambda m: None)
+    second = pretrained_checkpoint("mobilenet_v2_035", task, epochs=1, cache=tmp_path / "b", log=lambda m: None)
+    a, b = torch.load(first, weights_only=True), torch.load(second, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mtime = first.stat().st_mtime_ns
+    calls = []
+    again = pretrained_checkpoint("mobilenet_v2_035", task, epochs=1, cache=tmp_path / "a", log=calls.append)
+    assert again == first and first.stat().st_mtime_ns == mtime and calls == []
+
+
+@pytest.mark.slow
+def test_readme_demo_command_runs_end_to_end(tmp_path):
+    """README's first command, as a new user runs it (with its own cache and output folders)."""
+    env = {**os.environ, "FEDPEFT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(["make", "demo", f"DEMO_ARGS=--out {tmp_path / 'demo'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total" in proc.stdout and "accuracy" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["status_counts"]["ok"] > 0
+    assert summary["final_accuracy"] > summary["initial_accuracy"]
