@@ -6,6 +6,8 @@ import fedpeft  # noqa: F401  (torchvision shim first)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import logging
+
 from clients.local_update import client_round
 from fedpeft.fleet.config import RunConfig
 
@@ -19,6 +21,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         server_round = int(msg.content["config"]["server-round"])
         arrays = msg.content.array_records.get("arrays", ArrayRecord())
         reply = client_round(config, dict(context.node_config), arrays, server_round)
+        logging.getLogger("fedpeft").info("client %s (%s) round %d: %s %s", reply.metrics["client_id"],
+                                          reply.info["device"], server_round, reply.info["status"], reply.info["chosen"])
         content = RecordDict({
             "arrays": reply.arrays,
             "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in reply.metrics.items()}),
