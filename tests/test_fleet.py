@@ -168,3 +168,57 @@ def test_simulation_logs_every_client_every_round_and_survives_faults(tmp_path, 
         assert (run / name).stat().st_size > 0, name
     assert summary["rounds"] == 2 and summary["status_counts"]["ok"] == len(ok)
     assert not ray_processes(), "the run left Ray processes behind"
+
+
+# -- aggregation modes as clients see them -----------------------------------------------------------
+def test_ffa_client_trains_and_sends_only_b(tmp_path):
+    cfg = small_config(tmp_path, lora_mode="ffa")
+    reply = client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1)
+    keys = set(decode(reply.arrays))
+    assert keys and not any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+
+
+def test_exact_mode_gives_a_lower_rank_client_its_own_rank(tmp_path):
+    from clients.local_update import _refactor_lora
+    from fedpeft.fleet import setup
+    from strategies.aggregation import lora_effective_update, lora_pairs
+
+    cfg = small_config(tmp_path, lora_mode="exact")
+    first = decode(client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1).arrays)  # rank 4
+    mine = _refactor_lora(cfg, first, rank=2)
+    pairs = lora_pairs(mine)
+    assert pairs and all(mine[a].shape[0] == 2 for a in pairs)
+    # The rank-2 factors are the best rank-2 approximation of the global update: never larger than it.
+    a_key = next(iter(pairs))
+    full = lora_effective_update(first, a_key, lora_alpha=cfg.alpha)
+    low = lora_effective_update(mine, a_key, lora_alpha=cfg.alpha)
+    assert torch.linalg.matrix_rank(low.double()) <= 2 and torch.linalg.norm(low) <= torch.linalg.norm(full) * 1.0001
+    adapter = setup.attach(cfg, "lora", 2, calibration=None)
+    adapter.start_from(mine)  # loads cleanly into a rank-2 adapter
+
+
+def test_fedbn_keeps_batchnorm_on_the_device(tmp_path):
+    cfg = small_config(tmp_path, method="bn_head", fedbn=True)
+    reply = client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1)
+    sent = decode(reply.arrays)
+    assert sent and all(k.startswith("classifier.") for k in sent), sorted(sent)[:5]
+    local = torch.load(tmp_path / "run" / "client_state" / "bn-0.pt", weights_only=True)
+    assert local and all("running_mean" in k or "running_var" in k or "num_batches" in k or k.endswith(("weight", "bias"))
+                         for k in local)
+
+
+@pytest.mark.slow
+def test_compare_runs_each_method_and_writes_one_table(tmp_path, capsys):
+    from fedpeft.cli import main
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "fft,lora", "--model", "mobilenet_v2_035", "--num-clients", "4", "--rounds", "1",
+            "--pretrain-epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path.parent / "fleet-cache")]
+    assert main(argv) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["fft", "lora"]
+    fft, lora = rows
+    assert lora["bytes_up"] < fft["bytes_up"] / 3
+    assert math.isclose(lora["bytes_up_vs_fft"], lora["bytes_up"] / fft["bytes_up"])
+    assert (out / "compare.csv").read_text().count("\n") == 3 and (out / "compare.png").stat().st_size > 0
+    assert "lora" in capsys.readouterr().out
