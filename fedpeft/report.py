@@ -43,32 +43,27 @@ MiB = 2**20
 
 
 # -- formatting -------------------------------------------------------------------------------------
-def fmt_bytes(n: float | None) -> str:
-    """Binary units: 512 B, 1.5 KiB, 3.25 MiB, 1.10 GiB; '-' for None."""
+def _fmt_scaled(n: float | None, base: int, base_unit: str, units: tuple[str, ...]) -> str:
     if n is None:
         return "-"
     n = float(n)
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
+    if abs(n) < base:
+        return f"{n:.0f} {base_unit}"
+    for unit in units:
+        n /= base
+        if abs(n) < base or unit == units[-1]:
             return f"{n:.1f} {unit}" if abs(n) >= 100 else f"{n:.2f} {unit}"
     raise AssertionError("unreachable")
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Binary units: 512 B, 1.5 KiB, 3.25 MiB, 1.10 GiB; '-' for None."""
+    return _fmt_scaled(n, 1024, "B", ("KiB", "MiB", "GiB", "TiB"))
 
 
 def fmt_flops(n: float | None) -> str:
     """Decimal units: 950 FLOP, 1.23 MFLOP, 45.6 GFLOP, 1.20 TFLOP; '-' for None."""
-    if n is None:
-        return "-"
-    n = float(n)
-    if abs(n) < 1000:
-        return f"{n:.0f} FLOP"
-    for unit in ("kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP"):
-        n /= 1000
-        if abs(n) < 1000 or unit == "PFLOP":
-            return f"{n:.1f} {unit}" if abs(n) >= 100 else f"{n:.2f} {unit}"
-    raise AssertionError("unreachable")
+    return _fmt_scaled(n, 1000, "FLOP", ("kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP"))
 
 
 def fmt_mib(n: float | None, digits: int = 1) -> str:

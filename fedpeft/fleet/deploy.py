@@ -252,6 +252,18 @@ def _wait_http_ok(url: str, proc: Proc, timeout: float) -> None:
     raise TimeoutError(f"{proc.name} not ready at {url} after {timeout:.0f}s; log {proc.log_path}")
 
 
+def _launch(name: str, cmd: list[str], log_path: Path, env: dict, cwd: Path, port: int, ready_timeout: float) -> Proc:
+    """Start a Flower service and return once its /health on 127.0.0.1:`port` answers (stopped if it never does)."""
+    popen = _popen(cmd, log_path, flower_env(env), cwd=cwd)
+    proc = Proc.from_popen(name, popen, log_path=log_path, address=f"{HOST}:{port}")
+    try:
+        _wait_http_ok(f"http://{HOST}:{port}/health", proc, ready_timeout)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def start_superlink(state_dir: str | Path, port_base: int | None = None, env: dict | None = None,
                     ready_timeout: float = 60.0) -> Proc:
     """A SuperLink on 127.0.0.1 with its state in `state_dir`/state.db, runtime dependency
@@ -265,14 +277,7 @@ def start_superlink(state_dir: str | Path, port_base: int | None = None, env: di
     log_path = state_dir / "superlink.log"
     # Its own FLWR_HOME: the SuperLink unpacks each run's FAB under $FLWR_HOME/apps.
     env = {"FLWR_HOME": str(state_dir / "flwr-home"), **(env or {})}
-    popen = _popen(cmd, log_path, flower_env(env), cwd=state_dir)
-    proc = Proc.from_popen("flower-superlink", popen, log_path=log_path, address=f"{HOST}:{port}")
-    try:
-        _wait_http_ok(f"http://{HOST}:{port}/health", proc, ready_timeout)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
+    return _launch("flower-superlink", cmd, log_path, env, state_dir, port, ready_timeout)
 
 
 def format_node_config(node_config: dict) -> str:
@@ -301,14 +306,7 @@ def start_supernode(superlink_address: str, node_config: dict, port: int | None 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"supernode-{port}.log"
     env = {"FLWR_HOME": str(log_dir / f"flwr-home-{port}"), **(env or {})}
-    popen = _popen(cmd, log_path, flower_env(env), cwd=log_dir)
-    proc = Proc.from_popen("flower-supernode", popen, log_path=log_path, address=f"{HOST}:{port}")
-    try:
-        _wait_http_ok(f"http://{HOST}:{port}/health", proc, ready_timeout)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
+    return _launch("flower-supernode", cmd, log_path, env, log_dir, port, ready_timeout)
 
 
 # -- the Flower CLI -----------------------------------------------------------------------------
