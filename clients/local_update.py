@@ -6,9 +6,11 @@ indexes the fleet) and a real board (`--node-config "device=raspberry_pi_5 parti
 """
 from __future__ import annotations
 
+import io
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
@@ -19,6 +21,7 @@ from fedpeft.fleet import setup
 from fedpeft.fleet.budget import Setting, choose_setting
 from fedpeft.fleet.config import RunConfig
 from fedpeft.methods.layers import is_batchnorm
+from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
 from fedpeft.train import train
@@ -138,9 +141,7 @@ def _corrupted(delta: dict) -> dict:
 
 # -- FedBN: BatchNorm stays on the device. Virtual clients keep no memory between rounds, so a
 # client's BN tensors live in a small file under the run directory.
-def _bn_file(cfg: RunConfig, client_id: int):
-    from pathlib import Path
-
+def _bn_file(cfg: RunConfig, client_id: int) -> Path:
     return Path(cfg.out) / "client_state" / f"bn-{client_id}.pt"
 
 
@@ -150,9 +151,6 @@ def _bn_keys(adapter, delta: dict) -> list[str]:
 
 
 def _keep_local_bn(cfg: RunConfig, adapter, delta: dict, client_id: int) -> dict:
-    from fedpeft.paths import atomic_write_bytes
-    import io
-
     keys = _bn_keys(adapter, delta)
     buffer = io.BytesIO()
     torch.save({k: delta[k] for k in keys}, buffer)

@@ -22,14 +22,14 @@ from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
 from fedpeft.payload import decode, encode
 from fedpeft.profiling.memory import CATEGORIES
-from strategies.aggregation import aggregate, lora_pairs
+from strategies.aggregation import aggregate, fedavg, lora_pairs
 
 STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected")
 
 
 def expected_shapes(cfg: RunConfig, global_delta: dict) -> dict | None:
     """Keys and shapes a client's delta must have; None marks a dimension that may vary."""
-    if cfg.method.startswith("taskedge") and cfg.method == "taskedge":
+    if cfg.method == "taskedge":
         return {k: (None,) if k.endswith((".values", ".indices")) else tuple(v.shape) for k, v in global_delta.items()}
     shapes = {k: tuple(v.shape) for k, v in global_delta.items()}
     if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":
@@ -138,6 +138,10 @@ class AdapterFedAvg(FedAvg):
         if cfg.method == "taskedge":
             averaged = aggregate(cfg.method, None, deltas, weights)
             return merge_sparse(self.global_delta, averaged)
+        if cfg.method == "taskedge_lora":
+            # Clients adopt the mask the server sent in round 1, so all share one mask: average the
+            # LoRA pairs and the head; fedavg refuses indices that differ between clients.
+            return fedavg(deltas, weights)
         kwargs = {}
         if cfg.method in ("lora", "dora"):
             if cfg.lora_mode == "exact":

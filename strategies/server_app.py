@@ -39,7 +39,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     template = setup.attach(cfg, cfg.method, cfg.rank, calibration=None).delta()
     # Round 1 sends the method's initial adapter (the base model is already on every device).
-    # TaskEdge clients pick their own masks from local data, so there is nothing to send yet.
+    # TaskEdge clients pick their own masks from local data, so there is nothing to send yet;
+    # taskedge_lora clients adopt the server's mask (magnitude-based: the server has no data) so that
+    # their LoRA pairs can be averaged.
     initial = {} if cfg.method == "taskedge" else template
     strategy = AdapterFedAvg(cfg, log, initial, template)
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,

@@ -222,3 +222,20 @@ def test_compare_runs_each_method_and_writes_one_table(tmp_path, capsys):
     assert math.isclose(lora["bytes_up_vs_fft"], lora["bytes_up"] / fft["bytes_up"])
     assert (out / "compare.csv").read_text().count("\n") == 3 and (out / "compare.png").stat().st_size > 0
     assert "lora" in capsys.readouterr().out
+
+
+def test_taskedge_lora_clients_share_the_server_mask_and_aggregate(tmp_path):
+    from fedpeft.fleet import setup
+    from fedpeft.fleet.runlog import RunLog
+    from strategies.adapter_fedavg import AdapterFedAvg
+
+    cfg = small_config(tmp_path, method="taskedge_lora")
+    template = setup.attach(cfg, cfg.method, cfg.rank, calibration=None).delta()
+    record, _ = encode(template)
+    deltas = [decode(client_round(cfg, {"partition-id": pid}, record, 1).arrays) for pid in (0, 1)]
+    for key in [k for k in template if k.endswith(".indices")]:
+        assert torch.equal(deltas[0][key], template[key]) and torch.equal(deltas[1][key], template[key])
+    strategy = AdapterFedAvg(cfg, RunLog(tmp_path / "log", cfg.to_dict()), template, template)
+    merged = strategy._aggregate(deltas, [1.0, 3.0])
+    key = next(k for k in template if k.endswith(".lora_B"))
+    torch.testing.assert_close(merged[key], 0.25 * deltas[0][key] + 0.75 * deltas[1][key])

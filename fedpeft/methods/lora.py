@@ -8,7 +8,6 @@ r * (C + k^2) parameters.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +144,3 @@ class DoRA(LoRA):
     name = "dora"
     use_dora = True
 
-
-def load_peft_adapter(model: nn.Module, directory: str | Path) -> PeftModel:
-    """Load an exported adapter onto a fresh pre-trained torchvision model with plain peft."""
-    directory = Path(directory)
-    require((directory / "adapter_config.json").is_file(), f"adapter: no adapter_config.json in {directory}")
-    json.loads((directory / "adapter_config.json").read_text())
-    return PeftModel.from_pretrained(model, str(directory))
