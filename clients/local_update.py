@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord
 from fedpeft.devices import Device, comm_time_s, compute_time_s, default_fleet, energy_j, load_catalog, load_fleet
 from fedpeft.errors import UsageError
 from fedpeft.fleet import setup
-from fedpeft.fleet.budget import Setting, choose_setting
+from fedpeft.fleet.budget import Setting, choose_setting, step_cost
 from fedpeft.fleet.config import RunConfig
 from fedpeft.methods.layers import is_batchnorm
 from fedpeft.paths import atomic_write_bytes
@@ -71,58 +71,100 @@ def _memory_metrics(setting: Setting) -> dict:
     return out
 
 
+class RoundLog:
+    """What a reply reports, filled in as the round goes: `metrics` (numbers) and `info` (strings)."""
+
+    def __init__(self, cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int):
+        self.start = time.perf_counter()
+        # Threads: in the simulation Ray sets OMP_NUM_THREADS to the client's CPUs; a real board uses all its cores.
+        self.client_id, self.device = device_for(cfg, node_config)
+        self.on_real_board = "device" in node_config
+        self.bytes_down = record_bytes(arrays_in)
+        self.info = {"device": self.device.name, "method": cfg.method, "status": "ok", "chosen": "", "adapted": False,
+                     "upload_codec": cfg.upload_codec, "error": ""}
+        self.metrics = {"client_id": self.client_id, "round": server_round, "bytes_down": self.bytes_down,
+                        "bytes_up": 0, "ram_budget_bytes": int(self.device.ram_train_bytes), "examples": 0,
+                        "steps": 0, "rank": 0, "batch_size": 0, "num-examples": 0}
+
+    def available(self, cfg: RunConfig, server_round: int) -> bool:
+        """Availability is simulated; a real board that answered is available."""
+        draw = random.Random(f"{cfg.seed}:{server_round}:{self.client_id}").random()
+        if self.on_real_board or draw < self.device.availability:
+            return True
+        self.info["status"] = "unavailable"
+        self.metrics["bytes_down"] = self.bytes_down = 0  # an unreachable device downloads nothing
+        return False
+
+    def finish(self, arrays: ArrayRecord, flops: dict | None = None) -> ClientReply:
+        """Close the round: FLOPs (totals for the round), simulated device time and energy, wall time."""
+        flops = {k: int(v) for k, v in (flops or {}).items()}
+        compute_s = compute_time_s(self.device, flops.get("total", 0))
+        comm_s = comm_time_s(self.device, self.metrics["bytes_up"], self.bytes_down)
+        self.metrics.update({f"flops.{k}": v for k, v in flops.items()})
+        self.metrics.update(compute_s=compute_s, comm_s=comm_s, device_time_s=compute_s + comm_s,
+                            energy_j=energy_j(self.device, compute_s, comm_s), wall_s=time.perf_counter() - self.start)
+        return ClientReply(arrays, self.metrics, self.info)
+
+    def failed(self, exc: BaseException) -> ClientReply:
+        """A round that raised: reported with the device and what was known, never fatal to the server."""
+        self.info["status"] = "failed"
+        self.info["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        self.metrics["bytes_up"] = 0
+        return self.finish(ArrayRecord())
+
+
+def crash_if_injected(cfg: RunConfig, node_config: dict) -> None:
+    """Fault injection: a client in fail_clients dies mid-round, past any handler in this module, so
+    the server gets Flower's error reply (as from a killed process), not a report."""
+    client_id = node_config.get("partition-id")
+    if client_id is not None and int(client_id) in cfg.client_ids("fail_clients"):
+        raise RuntimeError(f"injected failure: client {client_id} is in fail_clients")
+
+
 def client_round(cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
-    start = time.perf_counter()
-    # Threads: in the simulation Ray sets OMP_NUM_THREADS to the client's CPUs; a real board uses all its cores.
-    client_id, device = device_for(cfg, node_config)
-    on_real_board = "device" in node_config
-    bytes_down = record_bytes(arrays_in)
-    info = {"device": device.name, "method": cfg.method, "status": "ok", "chosen": "", "adapted": False,
-            "upload_codec": cfg.upload_codec, "error": ""}
-    metrics = {"client_id": client_id, "round": server_round, "bytes_down": bytes_down, "bytes_up": 0,
-               "ram_budget_bytes": int(device.ram_train_bytes), "examples": 0, "steps": 0, "rank": 0,
-               "batch_size": 0, "num-examples": 0}
+    log = RoundLog(cfg, node_config, arrays_in, server_round)  # a bad node config raises here, before any work
+    try:
+        return _train_round(cfg, log, arrays_in, server_round)
+    except Exception as exc:  # noqa: BLE001  (whatever broke this round is this client's, reported as failed)
+        return log.failed(exc)
 
-    def finish(arrays: ArrayRecord, flops_per_step: dict | None = None) -> ClientReply:
-        steps = metrics["steps"]
-        flops = {k: int(v) * steps for k, v in (flops_per_step or {}).items()}
-        compute_s = compute_time_s(device, flops.get("total", 0))
-        comm_s = comm_time_s(device, metrics["bytes_up"], bytes_down)
-        metrics.update({f"flops.{k}": v for k, v in flops.items()})
-        metrics.update(compute_s=compute_s, comm_s=comm_s, device_time_s=compute_s + comm_s,
-                       energy_j=energy_j(device, compute_s, comm_s), wall_s=time.perf_counter() - start)
-        return ClientReply(arrays, metrics, info)
 
-    # Availability is simulated; a real board that answered is available.
-    if not on_real_board and random.Random(f"{cfg.seed}:{server_round}:{client_id}").random() >= device.availability:
-        info["status"] = "unavailable"
-        metrics["bytes_down"] = bytes_down = 0  # an unreachable device downloads nothing
-        return finish(ArrayRecord())
+def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
+    info, metrics, client_id = log.info, log.metrics, log.client_id
+    if not log.available(cfg, server_round):
+        return log.finish(ArrayRecord())
 
     task = setup.task_for(cfg)
-    setting = choose_setting(cfg, device, task.num_classes)
+    setting = choose_setting(cfg, log.device, task.num_classes)
     info.update(method=setting.method, chosen=setting.describe(), adapted=setting.adapted)
     if setting.adapted:
         info["chosen"] += f" (adapted from {cfg.method}{f' r={cfg.rank}' if cfg.rank else ''} batch={cfg.batch_size})"
     metrics.update(rank=setting.rank or 0, batch_size=setting.batch_size, **_memory_metrics(setting))
     if setting.status != "ok":
         info.update(status="over_budget", error=setting.reason)
-        return finish(ArrayRecord())
+        return log.finish(ArrayRecord())
 
     data = setup.client_data(cfg, client_id)
-    adapter = setup.attach(cfg, setting.method, setting.rank, data.images[: setup.CALIBRATION_EXAMPLES])
+    shared_mask = cfg.shares_mask and setting.method == cfg.method
+    calibration = None if shared_mask else data.images[: setup.CALIBRATION_EXAMPLES]  # shared: the server's mask
+    adapter = setup.attach(cfg, setting.method, setting.rank, calibration)
     if setting.method == cfg.method and len(arrays_in) > 0:
         global_delta = decode(arrays_in)
-        if cfg.method in ("lora", "dora"):
+        if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":  # the only mode with mixed ranks
             global_delta = _refactor_lora(cfg, global_delta, setting.rank)
-        adapter.start_from(global_delta)
+        if cfg.fedbn:  # BatchNorm never comes down: the device's own (or pre-trained) BN fills in
+            global_delta = {**adapter.delta(), **global_delta}
+        if shared_mask:
+            adapter.load_delta(global_delta)  # adopt the fleet's mask and its values
+        else:
+            adapter.start_from(global_delta)
     if cfg.fedbn:
         _load_local_bn(cfg, adapter, client_id)
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
                    max_steps=setting.max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
-    if client_id in cfg.client_ids("fail_clients"):
-        raise RuntimeError(f"injected failure: client {client_id} is in fail_clients")
     delta = adapter.delta()
+    if shared_mask:  # the server holds the mask: upload values only
+        delta = {k: v for k, v in delta.items() if not k.endswith(".indices")}
     if client_id in cfg.client_ids("corrupt_clients"):
         delta = _corrupted(delta)
     if cfg.fedbn:
@@ -130,7 +172,32 @@ def client_round(cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, serv
     record, encoded = encode(delta, cfg.upload_codec)
     metrics.update(examples=result.examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
                    quant_error=float(encoded.max_abs_error), **{"num-examples": result.examples})
-    return finish(record, setting.cost.flops)
+    return log.finish(record, {k: v * result.steps for k, v in setting.cost.flops.items()})
+
+
+def calibration_round(cfg: RunConfig, node_config: dict) -> ClientReply:
+    """Shared-mask TaskEdge, before round 1: this client's activation statistics (sums of squared
+    inputs of every masked layer over a calibration batch). They sum across clients, so the server
+    ranks weights on the whole fleet's data without seeing any of it."""
+    from fedpeft.methods import make_method
+    from fedpeft.methods.taskedge import calibration_sums
+
+    log = RoundLog(cfg, node_config, ArrayRecord(), 0)
+    try:
+        if not log.available(cfg, 0):
+            return log.finish(ArrayRecord())
+        images = setup.client_data(cfg, log.client_id).images[: setup.CALIBRATION_EXAMPLES]
+        method = make_method(cfg.method, **cfg.method_hparams())
+        sums = calibration_sums(setup.pretrained_model(cfg), method, images)
+        record, encoded = encode(sums)
+        log.info["chosen"] = "calibration"
+        log.metrics.update(examples=len(images), bytes_up=encoded.bytes, **{"num-examples": len(images)})
+        # One forward pass over the calibration batch: a training step's forward FLOPs, scaled by batch.
+        cost = step_cost(cfg, cfg.method, cfg.rank, cfg.batch_size, setup.task_for(cfg).num_classes)
+        forward = int(cost.flops["forward"] * len(images) / cfg.batch_size)
+        return log.finish(record, {"forward": forward, "backward": 0, "optimizer": 0, "total": forward})
+    except Exception as exc:  # noqa: BLE001  (reported as failed; the server builds the mask without it)
+        return log.failed(exc)
 
 
 def _corrupted(delta: dict) -> dict:

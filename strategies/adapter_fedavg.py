@@ -3,11 +3,12 @@
 Only what the method trains crosses the wire. Replies are validated against the global adapter's
 keys and shapes before they are aggregated (a bad payload is rejected, never fatal), every
 client's costs go to the run log as they arrive, and aggregation is method-aware: weighted FedAvg,
-LoRA fedit / ffa / exact, TaskEdge's per-entry average, FedBN.
+LoRA fedit / ffa / exact, TaskEdge's per-entry average or shared mask, FedBN.
 """
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Iterable
 
@@ -22,23 +23,32 @@ from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
 from fedpeft.payload import decode, encode
 from fedpeft.profiling.memory import CATEGORIES
-from strategies.aggregation import aggregate, fedavg, lora_pairs
+from strategies.aggregation import aggregate, drop_bn, fedavg, lora_pairs, taskedge_average
 
 STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected")
 
 
-def expected_shapes(cfg: RunConfig, global_delta: dict) -> dict | None:
-    """Keys and shapes a client's delta must have; None marks a dimension that may vary."""
-    if cfg.method == "taskedge":
-        return {k: (None,) if k.endswith((".values", ".indices")) else tuple(v.shape) for k, v in global_delta.items()}
-    shapes = {k: tuple(v.shape) for k, v in global_delta.items()}
+def expected_shapes(cfg: RunConfig, template: dict) -> dict:
+    """Keys and shapes a client's upload must have; None marks a dimension that may vary.
+    `template` is a delta of this method as the clients upload it (see `upload_template`)."""
+    if cfg.method == "taskedge" and not cfg.shares_mask:  # every client its own mask: any length
+        return {k: (None,) if k.endswith((".values", ".indices")) else tuple(v.shape) for k, v in template.items()}
+    shapes = {k: tuple(v.shape) for k, v in template.items()}
     if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":
-        for a_key, b_key in lora_pairs(global_delta).items():  # ranks may differ between clients
+        for a_key, b_key in lora_pairs(template).items():  # ranks may differ between clients
             shapes[a_key] = (None,) + shapes[a_key][1:]
             shapes[b_key] = shapes[b_key][:1] + (None,) + shapes[b_key][2:]
-    if cfg.fedbn:
-        return None  # BN keys stay on the devices; aggregation checks the rest
     return shapes
+
+
+def upload_template(cfg: RunConfig, delta: dict, bn_modules: Iterable[str]) -> dict:
+    """What a client of this run uploads, given its method's full delta: no BatchNorm under FedBN,
+    no mask indices when the server holds the shared mask."""
+    if cfg.fedbn:
+        delta = drop_bn(delta, bn_modules)
+    if cfg.shares_mask:
+        delta = {k: v for k, v in delta.items() if not k.endswith(".indices")}
+    return delta
 
 
 def client_record(msg: Message) -> dict:
@@ -60,13 +70,17 @@ def client_record(msg: Message) -> dict:
         "device_time_s": float(m["device_time_s"]), "energy_j": float(m["energy_j"]),
         "error": info["error"] or None,
     }
+    if rec["status"] not in STATUSES:
+        raise ValueError(f"unknown status {rec['status']!r}")
     return rec
 
 
 class AdapterFedAvg(FedAvg):
-    def __init__(self, cfg: RunConfig, log: RunLog, global_delta: dict, template: dict, **kwargs):
-        """`global_delta`: the adapter state sent in round 1; `template`: a delta of this method,
-        whose keys and shapes every reply must match."""
+    def __init__(self, cfg: RunConfig, log: RunLog, global_delta: dict, template: dict,
+                 numels: dict[str, int] | None = None, **kwargs):
+        """`global_delta`: the adapter state sent in round 1; `template`: an upload of this method
+        (`upload_template`), whose keys and shapes every reply must match; `numels`: TaskEdge's
+        {"<layer>.weight": weight.numel()}, to range-check uploaded indices."""
         # fraction_evaluate stays at its default: configure_evaluate below sends nothing anyway, and 0.0 makes
         # Flower log a warning every run.
         super().__init__(min_available_nodes=cfg.per_round, min_train_nodes=cfg.per_round, **kwargs)
@@ -74,20 +88,71 @@ class AdapterFedAvg(FedAvg):
         self.log = log
         self.global_delta = global_delta
         self.expected = expected_shapes(cfg, template)
+        self.numels = numels
         self.round_stats: dict[int, dict] = {}
+        self.known_nodes: dict[int, dict] = {}  # node id -> client id and device, for replies that carry neither
 
     def summary(self) -> None:  # Flower logs this at start; our run log has the config
         pass
 
+    # -- sampling and replies ----------------------------------------------------------------------
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """This round's clients: a seeded draw from every connected node, so a seed repeats the run."""
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, self.cfg.per_round)
+        return sorted(random.Random(self.cfg.seed * 7919 + server_round).sample(sorted(all_nodes), self.cfg.per_round))
+
+    def record(self, msg: Message, server_round: int) -> dict:
+        """The run-log line of one reply. A reply that is an error (the client process died) or is
+        malformed still gets a line, with the client and device when the node answered before."""
+        node_id = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            reason = msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed"
+            return {"round": server_round, **self.known_nodes.get(node_id, {"client_id": None}), "node_id": node_id,
+                    "status": "failed", "error": reason, "bytes_up": 0, "bytes_down": 0}
+        try:
+            rec = client_record(msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"round": server_round, **self.known_nodes.get(node_id, {"client_id": None}), "node_id": node_id,
+                    "status": "rejected", "error": f"malformed reply: {exc}", "bytes_up": 0, "bytes_down": 0}
+        self.known_nodes[node_id] = {"client_id": rec["client_id"], "device": rec["device"]}
+        return rec
+
+    def check_delta(self, delta: dict) -> None:
+        """Reject what decoding cannot see: TaskEdge entries (lengths, duplicate or out-of-range indices)."""
+        if self.cfg.method == "taskedge" and not self.cfg.shares_mask:
+            taskedge_average([delta], [1.0], numels=self.numels)
+
+    # -- shared-mask TaskEdge: calibration before round 1 -----------------------------------------
+    def calibrate(self, grid: Grid, expected: dict[str, tuple]) -> dict | None:
+        """Ask this round-0 sample for activation statistics and sum them (None if nobody answered)."""
+        self._round_start = time.perf_counter()
+        config = ConfigRecord({"server-round": 0, "phase": "calibrate"})
+        messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+                    for n in self.sample(grid, 0)]
+        sums: dict | None = None
+        counts, bytes_up, bytes_down = dict.fromkeys(STATUSES, 0), 0, 0
+        for msg in grid.send_and_receive(messages):
+            rec = self.record(msg, 0)
+            if rec["status"] == "ok":
+                try:
+                    part = decode(msg.content["arrays"], expected=expected)
+                    sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+                except UsageError as exc:
+                    rec.update(status="rejected", error=f"payload: {exc}")
+            counts[rec["status"]] += 1
+            bytes_up, bytes_down = bytes_up + rec["bytes_up"], bytes_down + rec["bytes_down"]
+            self.log.client(rec)
+        self.round_stats[0] = {"clients_sampled": len(messages), **{f"clients_{s}": n for s, n in counts.items()},
+                               "bytes_up": bytes_up, "bytes_down": bytes_down}
+        return sums
+
     # -- training --------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_start = time.perf_counter()
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, self.cfg.per_round)
-        # Flower's sampling is unseeded; re-draw from the sorted ids so a seed repeats the run.
-        node_ids = sorted(random.Random(self.cfg.seed * 7919 + server_round).sample(sorted(node_ids), self.cfg.per_round))
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
+                for n in self.sample(grid, server_round)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -95,23 +160,12 @@ class AdapterFedAvg(FedAvg):
         deltas, weights = [], []
         bytes_up = bytes_down = 0
         for msg in replies:
-            if msg.has_error():
-                rec = {"round": server_round, "client_id": None, "node_id": int(msg.metadata.src_node_id),
-                       "status": "failed", "error": msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed"}
-                counts["failed"] += 1
-                self.log.client(rec)
-                continue
-            try:
-                rec = client_record(msg)
-            except (KeyError, TypeError, ValueError) as exc:
-                rec = {"round": server_round, "client_id": None, "node_id": int(msg.metadata.src_node_id),
-                       "status": "rejected", "error": f"malformed reply: {exc}"}
-                counts["rejected"] += 1
-                self.log.client(rec)
-                continue
+            rec = self.record(msg, server_round)
             if rec["status"] == "ok" and rec["method"] == self.cfg.method:
                 try:
-                    deltas.append(decode(msg.content["arrays"], expected=self.expected))
+                    delta = decode(msg.content["arrays"], expected=self.expected)
+                    self.check_delta(delta)
+                    deltas.append(delta)
                     weights.append(max(rec["examples"], 1))
                 except UsageError as exc:
                     rec.update(status="rejected", error=f"payload: {exc}")
@@ -121,12 +175,18 @@ class AdapterFedAvg(FedAvg):
             bytes_down += rec["bytes_down"]
             self.log.client(rec)
 
-        new_global = self._aggregate(deltas, weights) if deltas else None
+        new_global, error = None, None
+        if deltas:
+            try:
+                new_global = self._aggregate(deltas, weights)
+            except (UsageError, RuntimeError, ValueError) as exc:  # never fatal: keep the previous global state
+                error = f"aggregation failed, global adapter unchanged: {exc}"
+                print(f"round {server_round}: {error}", file=sys.stderr)
         if new_global is not None:
             self.global_delta = new_global
         self.round_stats[server_round] = {
             "clients_sampled": len(replies), **{f"clients_{s}": n for s, n in counts.items()},
-            "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "bytes_up": bytes_up, "bytes_down": bytes_down, **({"error": error} if error else {}),
         }
         if new_global is None:
             return None, None
@@ -135,13 +195,14 @@ class AdapterFedAvg(FedAvg):
 
     def _aggregate(self, deltas: list[dict], weights: list[float]) -> dict:
         cfg = self.cfg
+        if cfg.shares_mask:
+            # One mask for every client: values (or LoRA pairs) and head average entry by entry; the
+            # mask itself stays on the server and goes back down with the values.
+            indices = {k: v for k, v in self.global_delta.items() if k.endswith(".indices")}
+            return {**indices, **fedavg(deltas, weights)}
         if cfg.method == "taskedge":
-            averaged = aggregate(cfg.method, None, deltas, weights)
+            averaged = aggregate(cfg.method, None, deltas, weights, numels=self.numels)
             return merge_sparse(self.global_delta, averaged)
-        if cfg.method == "taskedge_lora":
-            # Clients adopt the mask the server sent in round 1, so all share one mask: average the
-            # LoRA pairs and the head; fedavg refuses indices that differ between clients.
-            return fedavg(deltas, weights)
         kwargs = {}
         if cfg.method in ("lora", "dora"):
             if cfg.lora_mode == "exact":
@@ -149,10 +210,7 @@ class AdapterFedAvg(FedAvg):
             elif cfg.lora_mode == "ffa":
                 kwargs = {"global_state": self.global_delta}
         mode = cfg.lora_mode if cfg.method in ("lora", "dora") else None
-        merged = aggregate(cfg.method, mode, deltas, weights, fedbn=cfg.fedbn, **kwargs)
-        if cfg.fedbn:  # BN stays local: keep the global copy's BN keys as they were
-            merged = {**{k: v for k, v in self.global_delta.items() if k not in merged}, **merged}
-        return merged
+        return aggregate(cfg.method, mode, deltas, weights, **kwargs)  # FedBN: uploads carry no BN keys
 
     # -- no client-side evaluation: the server evaluates the global adapter on a held-out set --
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -174,5 +232,5 @@ def merge_sparse(previous: dict, averaged: dict) -> dict:
         idx = torch.cat([old_idx[keep], new_idx])
         val = torch.cat([old_val[keep].to(new_val.dtype), new_val])
         order = idx.argsort()
-        out[key], out[base + ".values"] = idx[order], val[order]
+        out[key], out[base + ".values"] = idx[order].to(averaged[key].dtype), val[order]
     return out

@@ -166,8 +166,15 @@ def lora_ffa(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[flo
     """FFA-LoRA: A stays frozen at its initialization, only B is averaged.
 
     A is passed through untouched from `global_state` (the server's adapter state). Without
-    `global_state`, every client must have sent the same A (it is frozen), which is returned."""
+    `global_state`, every client must have sent the same A (it is frozen), which is returned.
+    Uploads without any lora_A (FFA clients send only B: A is the same seeded init on every
+    device) are averaged key by key, and the result holds no A either."""
     probs = _probs(deltas, weights)
+    if not any(_pair_key(k) for d in deltas for k in d):
+        require(any("lora_B" in k for k in deltas[0]), "deltas[0]: no lora_B keys; this aggregation is for LoRA deltas")
+        _check_keysets(deltas)
+        _check_same(deltas, deltas[0].keys(), hint="; FFA needs one rank for all clients")
+        return {k: _average_key(k, [d[k] for d in deltas], probs) for k in deltas[0]}
     pairs = _check_lora_layers(deltas)
     _check_same(deltas, deltas[0].keys(), hint="; FFA needs one rank for all clients")
     out: Delta = {}
@@ -303,7 +310,7 @@ def taskedge_average(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
 
     For each `<module>.weight` with `.values` (1-D float) and `.indices` (1-D int, flat indices):
     value[j] = sum_{i trains j} w_i v_i[j] / sum_{i trains j} w_i, over the union of the indices
-    (output indices sorted ascending, int64). A client may omit a module (it trained none of its
+    (output indices sorted ascending, in the clients' index dtype). A client may omit a module (it trained none of its
     entries); clients with weight 0 are ignored, and a module no weighted client trained comes back
     with empty values/indices. Other keys (BN, head, LoRA of taskedge_lora) are FedAvg'd.
     `numels` ({`<module>.weight`: weight.numel()}) additionally checks the index range."""
@@ -322,7 +329,7 @@ def taskedge_average(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     out: Delta = {}
     for m in modules:
         idx_parts, val_parts, w_parts = [], [], []
-        dtype = None
+        dtype = idx_dtype = None
         for i, (d, p) in enumerate(zip(deltas, probs)):
             if m + ".values" not in d:
                 continue
@@ -339,19 +346,20 @@ def taskedge_average(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
                     require(int(ix.max()) < numels[m], f"{where}.indices: index {int(ix.max())} >= numel {numels[m]}")
                 require(torch.unique(ix).numel() == ix.numel(), f"{where}.indices: duplicate indices")
             dtype = v.dtype if dtype is None else dtype
+            idx_dtype = d[m + ".indices"].dtype if idx_dtype is None else idx_dtype
             if p > 0:
                 idx_parts.append(ix)
                 val_parts.append(v.detach().to(torch.float64) * p)
                 w_parts.append(torch.full((ix.numel(),), p, dtype=torch.float64))
         if not idx_parts:
             out[m + ".values"] = torch.zeros(0, dtype=dtype or torch.float32)
-            out[m + ".indices"] = torch.zeros(0, dtype=torch.int64)
+            out[m + ".indices"] = torch.zeros(0, dtype=idx_dtype or torch.int64)
             continue
         union, inverse = torch.unique(torch.cat(idx_parts), sorted=True, return_inverse=True)
         num = torch.zeros(union.numel(), dtype=torch.float64).index_add_(0, inverse, torch.cat(val_parts))
         den = torch.zeros(union.numel(), dtype=torch.float64).index_add_(0, inverse, torch.cat(w_parts))
         out[m + ".values"] = (num / den).to(dtype)
-        out[m + ".indices"] = union
+        out[m + ".indices"] = union.to(idx_dtype)  # the clients' index dtype (int32 on the wire)
     for k in dense:
         out[k] = _average_key(k, [d[k] for d in deltas], probs)
     return out

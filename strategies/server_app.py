@@ -18,15 +18,18 @@ from tqdm import tqdm
 from fedpeft.fleet import setup
 from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
-from fedpeft.payload import decode, encode
+from fedpeft.methods.layers import is_batchnorm
 from fedpeft.paths import atomic_write_bytes
+from fedpeft.payload import decode, encode
 from fedpeft.train import evaluate
-from strategies.adapter_fedavg import AdapterFedAvg
+from strategies.adapter_fedavg import AdapterFedAvg, upload_template
 
 
 def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
     """Accuracy and loss of the pre-trained model carrying the global adapter, on the target test set."""
     adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
+    if cfg.fedbn:  # BatchNorm is the devices' own: the server's copy keeps the pre-trained BN
+        global_delta = {**adapter.delta(), **global_delta}
     if global_delta:
         adapter.start_from(global_delta)
     test = setup.task_for(cfg).target_test
@@ -34,16 +37,46 @@ def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
     return result.accuracy, result.loss
 
 
+def _bn_modules(adapter) -> list[str]:
+    return [n for n, m in adapter.model.named_modules() if is_batchnorm(m)]
+
+
+def _taskedge_numels(adapter) -> dict[str, int] | None:
+    layers = getattr(adapter, "layers", None)
+    return {f"{n}.weight": layer.base.weight.numel() for n, layer in layers.items()} if layers else None
+
+
+def _calibration_shapes(cfg: RunConfig) -> dict[str, tuple[int]]:
+    """Shapes of a client's calibration statistics: one sum per input element of each masked layer."""
+    from fedpeft.methods import make_method
+    from fedpeft.methods.taskedge import target_layers
+
+    method = make_method(cfg.method, **cfg.method_hparams())
+    return {name: (layer.weight[0].numel(),) for name, layer in target_layers(setup.pretrained_model(cfg), method).items()}
+
+
+def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_adapter) -> dict:
+    """What round 1 sends down: the method's initial adapter (the base model is already on every
+    device). Local-mask TaskEdge clients pick their own masks, so nothing; a shared mask is built
+    from the fleet's calibration statistics (|W| alone if no client answered)."""
+    if cfg.method == "taskedge" and not cfg.shares_mask:
+        return {}
+    if cfg.shares_mask:
+        sums = strategy.calibrate(grid, _calibration_shapes(cfg))
+        if sums is None:
+            print("calibration: no client answered; the shared mask ranks weights by |W| alone", file=sys.stderr)
+        return setup.attach(cfg, cfg.method, cfg.rank, calibration=sums).delta()  # the mask, zero values, head
+    return upload_template(cfg, template_adapter.delta(), _bn_modules(template_adapter))
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict:
     log = RunLog(cfg.out, cfg.to_dict())
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
-    template = setup.attach(cfg, cfg.method, cfg.rank, calibration=None).delta()
-    # Round 1 sends the method's initial adapter (the base model is already on every device).
-    # TaskEdge clients pick their own masks from local data, so there is nothing to send yet;
-    # taskedge_lora clients adopt the server's mask (magnitude-based: the server has no data) so that
-    # their LoRA pairs can be averaged.
-    initial = {} if cfg.method == "taskedge" else template
-    strategy = AdapterFedAvg(cfg, log, initial, template)
+    template_adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
+    template = upload_template(cfg, template_adapter.delta(), _bn_modules(template_adapter))
+    strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter))
+    initial = initial_state(grid, cfg, strategy, template_adapter)
+    strategy.global_delta = initial
     bar = tqdm(total=cfg.rounds, desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
                disable=None, dynamic_ncols=True)
     last = {"t": time.perf_counter()}

@@ -46,7 +46,8 @@ def test_json_contract_for_all_six_methods(tmp_path):
         check_contract(json.loads(proc.stdout), method)
 
 
-def test_matrix_json_table_and_csv(tmp_path, capsys):
+def test_matrix_json_table_and_csv(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out_csv = tmp_path / "costs.csv"
     common = ["--models", "mobilenet_v2", "--methods", "fft,lora", "--cache-dir", str(tmp_path)]
     assert main(["profile", *common, "--format", "json", "--csv", str(out_csv)]) == 0
@@ -57,15 +58,23 @@ def test_matrix_json_table_and_csv(tmp_path, capsys):
     rows = list(csv.DictReader(open(out_csv)))
     assert [r["method"] for r in rows] == ["fft", "lora"]
     assert int(rows[0]["flops_backward_paper"]) > int(rows[0]["flops_backward_exact"])
+    assert not (tmp_path / "profile_matrix.csv").exists()  # --csv given: only there
 
     assert main(["profile", *common]) == 0  # served from the cache this time
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "fft" in table and "lora" in table and "peak mem" in table
+    # without --csv a matrix run still writes its CSV, to ./profile_matrix.csv, and says so
+    default_csv = tmp_path / "profile_matrix.csv"
+    assert [r["method"] for r in csv.DictReader(open(default_csv))] == ["fft", "lora"]
+    assert "profile_matrix.csv" in captured.err and str(tmp_path) in captured.err
 
+    default_csv.unlink()
     assert main(["profile", "--model", "mobilenet_v2", "--method", "lora", "--cache-dir", str(tmp_path)]) == 0
     detail = capsys.readouterr().out
     for word in ("optimizer_state", "activation", "forward", "backward", "payload", "(cached)"):
         assert word in detail
+    assert not default_csv.exists()  # a single profile writes no CSV unless asked
 
 
 @pytest.mark.parametrize("args, needle", [

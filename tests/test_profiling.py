@@ -13,6 +13,7 @@ from fedpeft.profiling.cache import ProfileCache, cache_key
 from fedpeft.profiling.flops import (
     ADAMW_FLOPS_PER_ELEMENT,
     count_step_flops,
+    dora_norm_flops,
     layer_flops,
     optimizer_analytic_flops,
     svd_flops,
@@ -110,6 +111,69 @@ def test_galore_optimizer_counts_projections_and_amortised_svd():
     moments = rank * n
     assert flops.detail["optimizer_elementwise"] == 10 * moments + 3 * m * n
     assert flops.optimizer == projections + svd_flops(m, n) // gap + 10 * moments + 3 * m * n
+
+
+def test_galore_svd_is_summed_before_amortising():
+    from galore_torch import GaLoreAdamW
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 64, bias=False))  # 32x64 and 64x32
+    gap = 10
+    opt = GaLoreAdamW([{"params": list(model.parameters()), "rank": 4, "update_proj_gap": gap, "scale": 0.25,
+                        "proj_type": "std"}], lr=1e-3, no_deprecation_warning=True)
+    count_step_flops(model, opt, torch.randn(8, 64), torch.randint(0, 64, (8,)))
+    svd = svd_flops(32, 64)
+    assert svd % gap != 0  # so flooring per matrix would lose FLOPs
+    assert optimizer_analytic_flops(opt).svd_amortised == 2 * svd // gap == 2 * (svd // gap) + 1
+
+
+def test_optimizer_flops_skip_parameters_without_gradient():
+    torch.manual_seed(0)
+    used, unused = nn.Linear(64, 10), nn.Linear(64, 10)  # `unused` gets no gradient: Adam skips it
+    opt = torch.optim.AdamW([*used.parameters(), *unused.parameters()], lr=1e-3, weight_decay=0.0)
+    flops = count_step_flops(used, opt, torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    assert flops.optimizer == ADAMW_FLOPS_PER_ELEMENT * (64 * 10 + 10)
+
+
+# -- DoRA's weight norm ------------------------------------------------------------------------
+class _ConvFC(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # weight 8 x 3 x 3 x 3
+        self.fc = nn.Linear(8 * 4 * 4, 5)  # weight 5 x 128
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def _peft_step_flops(use_dora: bool, rank: int = 2):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvFC(), LoraConfig(r=rank, lora_alpha=4, target_modules=["conv", "fc"],
+                                                 use_dora=use_dora))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    x, y = torch.randn(2, 3, 4, 4), torch.randint(0, 5, (2,))
+    return model, count_step_flops(model, opt, x, y)
+
+
+def test_dora_step_exceeds_lora_by_matmul_and_analytic_norm_work():
+    r = 2
+    lora_model, lora = _peft_step_flops(False, r)
+    dora_model, dora = _peft_step_flops(True, r)
+    weights = 8 * 3 * 3 * 3 + 5 * 128  # every adapted weight element
+    rows = 8 + 5  # output rows: one magnitude each
+    norm_forward = 4 * weights + 2 * rows  # scale, add, square, sum per element; sqrt, magnitude/norm per row
+    norm_backward = rows  # the norm is detached; the magnitude's gradient: 1 division per row
+    assert dora_norm_flops(dora_model) == (norm_forward, norm_backward)
+    assert dora_norm_flops(lora_model) == (0, 0)
+    assert dora.detail["dora_norm_forward"] == norm_forward and lora.detail["dora_norm_forward"] == 0
+    # B @ A, which the mode counts: the conv's mm (8 x r)(r x 27); the Linear's lora_B(lora_A(eye(128)))
+    ba_matmuls = 2 * 8 * r * 27 + (2 * 128 * 128 * r + 2 * 128 * r * 5)
+    assert dora.forward - lora.forward == ba_matmuls + norm_forward
+    assert dora.backward - lora.backward == norm_backward
+    assert dora.optimizer - lora.optimizer == ADAMW_FLOPS_PER_ELEMENT * rows  # the magnitudes train too
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -216,6 +280,11 @@ def test_profile_takes_seconds_and_repeat_is_served_from_cache(tmp_path, monkeyp
     assert again.cached and again.to_dict()["memory"] == first.to_dict()["memory"]
     # the hyper-parameters' defaults are part of the key: rank 4 given or defaulted is one entry
     assert profile_step("mobilenet_v2", "lora", {}, 32, 8, 10, cache_dir=str(tmp_path)).cached
+    # a float field given as an int is the same entry (alpha defaults to 4.0), on disk too
+    monkeypatch.setattr(profiling, "_HITS", {})
+    assert profile_step("mobilenet_v2", "lora", {"rank": 4, "alpha": 4}, 32, 8, 10, cache_dir=str(tmp_path)).cached
+    assert profile_step("mobilenet_v2", "lora", {"rank": 4, "alpha": 4.0}, 32, 8, 10, cache_dir=str(tmp_path)).cached
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
     # the other convention comes from the same record
     assert profile_step("mobilenet_v2", "lora", {"rank": 4}, 32, 8, 10, cache_dir=str(tmp_path),
                         convention="paper").flops == first.flops_by_convention["paper"]
@@ -231,6 +300,36 @@ def test_profile_takes_seconds_and_repeat_is_served_from_cache(tmp_path, monkeyp
         profile_step("mobilenet_v2", "lora", {"rank": 8}, 32, 8, 10, cache_dir=str(tmp_path))
     with pytest.raises(AssertionError, match="must not profile"):
         profile_step("mobilenet_v2", "lora", {"rank": 4}, 32, 4, 10, cache_dir=str(tmp_path))
+
+
+def test_int_and_float_hparams_give_one_key():
+    from fedpeft.methods import make_method
+
+    as_int, as_float = make_method("lora", rank=4, alpha=4), make_method("lora", rank=4, alpha=4.0)
+    assert cache_key({"h": as_int.hparams()}) != cache_key({"h": as_float.hparams()})  # the bug, unnormalised
+    for method in (as_int, as_float):
+        profiling.normalise_hparams(method)
+    assert as_int.alpha == 4.0 and isinstance(as_int.alpha, float) and as_int.rank == 4 and isinstance(as_int.rank, int)
+    assert cache_key({"h": as_int.hparams()}) == cache_key({"h": as_float.hparams()})
+    galore = make_method("galore", scale=1)
+    profiling.normalise_hparams(galore)
+    assert isinstance(galore.scale, float) and isinstance(galore.update_proj_gap, int)
+
+
+def test_key_holds_library_versions_and_costs_do_not_share_the_cached_record(tmp_path, monkeypatch):
+    assert set(profiling.library_versions()) == {"torch", "torchvision", "peft", "galore-torch"}
+    first = profile_step("mobilenet_v2", "bn_head", {}, 32, 8, 10, cache_dir=str(tmp_path))
+    record = json.loads(next((tmp_path / "profiles").glob("*.json")).read_text())
+    assert record["key_fields"]["peft"] == profiling.library_versions()["peft"]
+    assert record["key_fields"]["galore-torch"] == profiling.library_versions()["galore-torch"]
+    peak = first.memory["peak_bytes"]
+    first.memory["peak_bytes"] = -1
+    first.memory["by_category"]["activation"] = -1
+    first.flops_by_convention["exact"]["total"] = -1
+    monkeypatch.setattr(profiling, "_HITS", {})  # go to the cache's record
+    again = profile_step("mobilenet_v2", "bn_head", {}, 32, 8, 10, cache_dir=str(tmp_path))
+    assert again.cached and again.memory["peak_bytes"] == peak
+    assert again.memory["by_category"]["activation"] != -1 and again.flops_by_convention["exact"]["total"] > 0
 
 
 def test_cache_key_and_corrupt_file(tmp_path):

@@ -2,6 +2,9 @@
 
     fedpeft profile --model mobilenet_v2 --method lora --rank 4 --format json
     fedpeft profile --models mobilenet_v2,resnet18 --methods fft,lora --csv costs.csv
+
+A matrix run (more than one (model, method) pair) always writes a CSV: --csv FILE, else
+`profile_matrix.csv` in the current directory; stderr says where.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from fedpeft.cli_options import density, positive_float, positive_int
 from fedpeft.errors import UsageError
 
+DEFAULT_MATRIX_CSV = "profile_matrix.csv"
 CATEGORY_ORDER = ("parameter", "buffer", "gradient", "activation", "temporary", "optimizer_state", "other")
 
 
@@ -32,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table", help="output format (default table)")
     parser.add_argument("--flop-convention", choices=["exact", "paper"], default="exact",
                         help="exact: groups-aware conv backward; paper: PyTorch's stock count as in the seed paper")
-    parser.add_argument("--csv", metavar="FILE", help="also write one CSV row per (model, method)")
+    parser.add_argument("--csv", metavar="FILE",
+                        help=f"also write one CSV row per (model, method); a matrix run writes ./{DEFAULT_MATRIX_CSV} without it")
     parser.add_argument("--cache-dir", help="profile cache (default $FEDPEFT_CACHE or ~/.cache/fedpeft)")
     parser.add_argument("--no-cache", action="store_true", help="profile again, neither reading nor writing the cache")
     parser.set_defaults(func=run)
@@ -73,16 +78,17 @@ def run(args) -> int:
             cost = profile_step(model, method, hparams, args.input_size, args.batch_size, args.num_classes,
                                 convention=args.flop_convention, cache_dir=args.cache_dir, use_cache=not args.no_cache)
             results.append(cost.to_dict())
-    if args.csv:
-        write_csv(results, Path(args.csv))
+    csv_path = Path(args.csv) if args.csv else (Path(DEFAULT_MATRIX_CSV) if len(results) > 1 else None)
+    if csv_path is not None:
+        write_csv(results, csv_path)
     if args.format == "json":
         print(json.dumps(results[0] if len(results) == 1 else results, indent=None))
     elif len(results) == 1:
         print(detail_table(results[0]))
     else:
         print(matrix_table(results))
-    if args.csv:
-        print(f"wrote {args.csv} ({len(results)} rows)", file=sys.stderr)
+    if csv_path is not None:
+        print(f"wrote {csv_path.resolve() if not args.csv else csv_path} ({len(results)} rows)", file=sys.stderr)
     return 0
 
 

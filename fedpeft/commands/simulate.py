@@ -7,18 +7,20 @@ from pathlib import Path
 
 from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import BUDGET_POLICIES, CODECS, LORA_MODES, RunConfig
+from fedpeft.fleet.config import BUDGET_POLICIES, CODECS, LORA_MODES, TASKEDGE_MASKS, RunConfig
 
 # CLI flag -> RunConfig field, for the options most runs change.
 FLAGS = {
     "model": str, "method": str, "rank": int, "alpha": float, "density": float, "nm": str,
     "num_clients": int, "clients_per_round": int, "rounds": int, "local_epochs": int, "batch_size": int,
-    "lora_mode": str, "budget_policy": str, "upload_codec": str, "max_flops_per_round": float,
+    "lora_mode": str, "taskedge_mask": str, "budget_policy": str, "upload_codec": str, "max_flops_per_round": float,
     "fleet": str, "dataset": str, "data_dir": str, "task": str, "corruption": str, "severity": int,
     "partition": str, "pretrain_epochs": int, "seed": int, "out": str, "cache_dir": str, "input_size": int,
 }
 HELP = {
-    "lora_mode": f"one of {', '.join(LORA_MODES)}", "budget_policy": f"one of {', '.join(BUDGET_POLICIES)}",
+    "lora_mode": f"one of {', '.join(LORA_MODES)}",
+    "taskedge_mask": f"one of {', '.join(TASKEDGE_MASKS)}: each client's own mask, or one mask the server builds",
+    "budget_policy": f"one of {', '.join(BUDGET_POLICIES)}",
     "upload_codec": f"one of {', '.join(CODECS)}", "fleet": "fleet TOML file (default: a mixed fleet)",
     "clients_per_round": "clients sampled per round (0: all)", "max_flops_per_round": "per-client FLOP budget per round (0: none)",
 }

@@ -49,7 +49,10 @@ def candidates(cfg: RunConfig):
     """(method, rank, batch) in the documented order."""
     method = cfg.method
     while method is not None:
-        mixed_ranks_ok = method != cfg.method or cfg.lora_mode == "exact" or method in ("galore",)
+        # A fallback method is not aggregated, and GaLore's rank is local (its delta is dense); LoRA
+        # pairs of other ranks are aggregated only by lora_mode=exact, which re-factors per client.
+        mixed_ranks_ok = method != cfg.method or method == "galore" or (
+            cfg.lora_mode == "exact" and method in ("lora", "dora"))
         ranks = _halvings(cfg.rank, 1) if method in RANKED and mixed_ranks_ok else [cfg.rank if method in RANKED else None]
         for rank in ranks:
             for batch in _halvings(cfg.batch_size, MIN_BATCH):

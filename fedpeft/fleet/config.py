@@ -9,6 +9,7 @@ from pathlib import Path
 from fedpeft.errors import UsageError, choice, require
 
 LORA_MODES = ("fedit", "ffa", "exact")
+TASKEDGE_MASKS = ("local", "shared")
 BUDGET_POLICIES = ("adapt", "strict")
 CODECS = ("none", "fp16", "int8")
 
@@ -32,6 +33,10 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lora_mode: str = "fedit"
+    # TaskEdge: "local", each client ranks weights on its own data and uploads values + indices;
+    # "shared", the server sums the clients' activation statistics once, builds one mask, and
+    # clients upload values only. taskedge_lora always shares one mask (its LoRA pairs are averaged).
+    taskedge_mask: str = "local"
     fedbn: bool = False
     budget_policy: str = "adapt"
     max_flops_per_round: float = 0.0  # per client; 0: no FLOP budget
@@ -47,7 +52,7 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     pretrain_epochs: int = 8
     # fault injection, for testing what a fleet survives: client ids, comma-separated
-    fail_clients: str = ""  # these raise during training (the server logs them as failed)
+    fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
     # bookkeeping
     seed: int = 0
@@ -63,6 +68,7 @@ class RunConfig:
         choice("model", self.model, MODELS)
         choice("method", self.method, METHODS)
         choice("lora_mode", self.lora_mode, LORA_MODES)
+        choice("taskedge_mask", self.taskedge_mask, TASKEDGE_MASKS)
         choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
         choice("upload_codec", self.upload_codec, CODECS)
         choice("dataset", self.dataset, ("digits", "cifar10"))
@@ -97,6 +103,11 @@ class RunConfig:
             return {int(x) for x in text.split(",") if x.strip()}
         except ValueError:
             raise UsageError(f"{field_name}: expected comma-separated client ids, got {text!r}") from None
+
+    @property
+    def shares_mask(self) -> bool:
+        """One TaskEdge mask for the whole fleet, built by the server from calibration statistics."""
+        return self.method == "taskedge_lora" or (self.method == "taskedge" and self.taskedge_mask == "shared")
 
     @property
     def per_round(self) -> int:

@@ -29,6 +29,9 @@ from fedpeft.methods.base import Adapter, Delta, Method
 from fedpeft.methods.layers import dense_layers, freeze, set_submodule
 from fedpeft.models import head_of
 
+# Flat indices travel as int32 (half of int64's bytes); torch's indexing wants int64 in memory.
+INDEX_DTYPE = torch.int32
+
 
 def parse_nm(value) -> tuple[int, int] | None:
     """'2:4' or (2, 4) -> (2, 4); None/'' -> None."""
@@ -44,8 +47,11 @@ def parse_nm(value) -> tuple[int, int] | None:
 
 
 # -- importance ---------------------------------------------------------------------------------
-def input_norms(model: nn.Module, layers: dict[str, nn.Module], calibration: torch.Tensor) -> dict[str, torch.Tensor]:
-    """L2 norm of every input element of each layer over the calibration batch, shape (fan_in,)."""
+def input_square_sums(model: nn.Module, layers: dict[str, nn.Module], calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sum of squares of every input element of each layer over the calibration batch, shape (fan_in,).
+
+    Sums from several clients add up to the sums over the union of their batches, so a server can
+    build one mask from every client's data without seeing any of it (the shared-mask mode)."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -70,7 +76,17 @@ def input_norms(model: nn.Module, layers: dict[str, nn.Module], calibration: tor
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: s.sqrt() for name, s in sums.items()}
+    return sums
+
+
+def target_layers(model: nn.Module, method: "TaskEdge") -> dict[str, nn.Module]:
+    """The conv/linear layers TaskEdge masks (the head too when it is not trained densely)."""
+    return dense_layers(model, include_head=not method.train_head)
+
+
+def calibration_sums(model: nn.Module, method: "TaskEdge", images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`input_square_sums` over `method`'s target layers of the (unwrapped, pre-trained) model."""
+    return input_square_sums(model, target_layers(model, method), images)
 
 
 def importance(weight: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
@@ -142,14 +158,21 @@ class MaskedLayer(nn.Module):
 
 
 class TaskEdgeAdapter(Adapter):
-    def __init__(self, method: "TaskEdge", model: nn.Module, calibration: torch.Tensor | None):
+    def __init__(self, method: "TaskEdge", model: nn.Module, calibration: torch.Tensor | dict | None):
+        """`calibration`: a batch of inputs, or `calibration_sums` already computed (e.g. summed over
+        clients by a server); None ranks by |W| alone."""
         super().__init__(method, model)
         head_name = head_of(model)[0]
-        layers = dense_layers(model, include_head=not method.train_head)
-        norms = input_norms(model, layers, calibration) if calibration is not None else {}
+        layers = target_layers(model, method)
+        if isinstance(calibration, dict):
+            sums = calibration
+        else:
+            sums = input_square_sums(model, layers, calibration) if calibration is not None else {}
+        norms = {name: s.sqrt() for name, s in sums.items()}
         freeze(model)
         self.layers: dict[str, MaskedLayer] = {}
         for name, layer in layers.items():
+            require(layer.weight.numel() < 2**31, f"{name}: {layer.weight.numel()} weights overflow int32 flat indices")
             scores = importance(layer.weight, norms.get(name))
             k = per_neuron_count(scores.shape[1], method.density, method.nm_pair)
             masked = MaskedLayer(layer, neuron_mask(scores, k, method.nm_pair), method.lora_rank, method.lora_alpha)
@@ -197,7 +220,7 @@ class TaskEdgeAdapter(Adapter):
             else:
                 out[f"{name}.weight.lora_A"] = layer.lora_A.detach().clone()
                 out[f"{name}.weight.lora_B"] = layer.lora_B.detach().clone()
-            out[f"{name}.weight.indices"] = layer.indices.clone()
+            out[f"{name}.weight.indices"] = layer.indices.to(INDEX_DTYPE)
         if self.head_name:
             for pname, p in self.model.get_submodule(self.head_name).named_parameters():
                 out[f"{self.head_name}.{pname}"] = p.detach().clone()

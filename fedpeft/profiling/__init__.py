@@ -12,6 +12,7 @@ torch's MemTracker (memory.py), one under FlopCounterMode (flops.py). Results ar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,42 @@ def _freeze(value):
     return value
 
 
+def _declares_float(annotation) -> bool:
+    """True for a dataclass field declared `float` or `float | None` (string annotations included)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = {part.strip() for part in text.replace("Optional[", "").replace("]", "").split("|")}
+    return "float" in parts and "int" not in parts
+
+
+def normalise_hparams(method) -> None:
+    """Make int values of float-declared fields floats (alpha=4 and alpha=4.0 are one method).
+
+    Done on the method itself, so the cache key, the record and the profiled model all see
+    the same value.
+    """
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and _declares_float(f.type):
+            setattr(method, f.name, float(value))
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose code a profile runs (part of the cache key)."""
+    if not _VERSIONS:
+        from importlib import metadata
+
+        _VERSIONS["torch"] = torch.__version__
+        for dist in ("torchvision", "peft", "galore-torch"):
+            try:
+                _VERSIONS[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                _VERSIONS[dist] = "absent"
+    return dict(_VERSIONS)
+
+
 def profile_step(
     model_name: str,
     method_name: str,
@@ -139,10 +176,11 @@ def profile_step(
         require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
                 f"{name}: must be an integer >= {low}, got {value!r}")
     method = make_method(method_name, **hparams)
+    normalise_hparams(method)
     full_hparams = method.hparams()
     key_fields = {
         "model": model_name, "hparams": full_hparams, "input_size": input_size, "batch_size": batch_size,
-        "num_classes": num_classes, "dtype": dtype, "torch": torch.__version__, "seed": seed,
+        "num_classes": num_classes, "dtype": dtype, "seed": seed, **library_versions(),
     }
     key = cache_key(key_fields)
     cache = get_cache(root) if use_cache else None
@@ -160,6 +198,7 @@ def profile_step(
 
 
 def _cost_from_record(record: dict, convention: str, cached: bool) -> StepCost:
+    record = copy.deepcopy(record)  # the cache keeps its own record; callers get their own dicts
     return StepCost(
         model=record["model"], method=record["method"],
         params_total=record["params_total"], params_trainable=record["params_trainable"],

@@ -1,8 +1,9 @@
 """A cache of profiling results: JSON files on disk behind an in-memory dict.
 
 A result is keyed by everything that changes it: model, the method's full hyper-parameters
-(`Method.hparams()`, defaults included), input size, batch size, number of classes, dtype,
-torch version and the profiler's schema version. The FLOP convention is not part of the key:
+(`Method.hparams()`, defaults included, ints of float fields made floats), input size, batch
+size, number of classes, dtype, seed, the torch, torchvision, peft and galore-torch versions
+and the profiler's schema version. The FLOP convention is not part of the key:
 one profile counts both conventions and the record holds both.
 
 Directory: the `directory` argument, else `$FEDPEFT_CACHE`, else `~/.cache/fedpeft`; profiles
@@ -19,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 #: Bump when what a profile measures or how it is stored changes: old entries stop matching.
-SCHEMA_VERSION = 1
+#: 2: DoRA's weight-norm FLOPs counted; library versions in the key.
+SCHEMA_VERSION = 2
 
 
 def default_cache_dir() -> Path:

@@ -19,9 +19,18 @@ update. The optimizer term is therefore:
 Masked/sparse adapters (TaskEdge) scatter their trained values into the frozen weight in the
 forward and gather the gradient of those entries in the backward; index ops are not counted by
 the mode, so `masking_flops` adds 1 FLOP per masked entry to each (see `count_masked_entries`).
-DoRA's weight norm is computed by peft inside the forward: the B @ A product it needs is a
-matmul and is counted by the mode; the norm reduction itself (square, sum, sqrt: element-wise)
-is not, like every other element-wise op.
+DoRA (peft's `use_dora`) recomputes, in every training forward of each adapted weight W
+(C_out rows), its column-wise norm ||W + s * B @ A|| and rescales the layer by magnitude / norm
+(peft/tuners/lora/dora.py; caching is off in training). The mode counts the B @ A product (an
+`mm`; for Linear layers peft builds it as lora_B(lora_A(eye(C_in))), 2*C_in*C_in*r +
+2*C_in*r*C_out FLOPs) but none of the element-wise norm work, so `dora_norm_flops` adds:
+  forward, per element of W: s * (B @ A) 1, W + that 1, square 1, sum 1 = 4 (DORA_FLOPS_PER_WEIGHT);
+          per row: sqrt 1, magnitude / norm 1 = 2 (DORA_FLOPS_PER_ROW);
+  backward: peft detaches the norm (DoRA paper, section 4.3), so no gradient flows through the
+          norm or B @ A inside it; the magnitude's gradient goes through magnitude / norm: 1
+          division per row (DORA_BACKWARD_FLOPS_PER_ROW).
+The rescaling of the layer's output by magnitude / norm is activation-level element-wise work,
+left out like LoRA's own `scaling * B(A(x))` and every other element-wise op on activations.
 """
 from __future__ import annotations
 
@@ -44,6 +53,11 @@ CONVENTIONS = ("exact", "paper")
 #: = 13, plus 1 (param.mul_(1 - lr*wd)) when weight_decay != 0. One FLOP per arithmetic op,
 #: sqrt and div included (they cost more cycles; FLOP counts conventionally ignore that).
 ADAMW_FLOPS_PER_ELEMENT = 13
+
+#: DoRA's weight norm, element-wise work the mode does not see (module docstring).
+DORA_FLOPS_PER_WEIGHT = 4
+DORA_FLOPS_PER_ROW = 2
+DORA_BACKWARD_FLOPS_PER_ROW = 1
 
 
 def conv_backward_flop_exact(
@@ -134,14 +148,16 @@ def optimizer_analytic_flops(optimizer: torch.optim.Optimizer) -> OptimizerFlops
             per = ADAMW_FLOPS_PER_ELEMENT + (1 if group.get("weight_decay", 0) else 0)
             if group.get("amsgrad"):
                 per += 1  # torch.maximum(max_exp_avg_sq, exp_avg_sq)
-            out.elementwise += per * sum(p.numel() for p in group["params"] if p.requires_grad)
+            # torch's Adam skips parameters without a gradient
+            out.elementwise += per * sum(p.numel() for p in group["params"] if p.requires_grad and p.grad is not None)
         out.detail["formula"] = f"torch Adam/AdamW: {ADAMW_FLOPS_PER_ELEMENT} (+1 with weight decay) per element"
         return out
     if GaLoreAdamW and isinstance(optimizer, GaLoreAdamW):
         svd_full = 0
+        svd_by_gap: dict[int, int] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if not p.requires_grad:
+                if not p.requires_grad or p.grad is None:  # galore-torch skips gradient-less params
                     continue
                 state = optimizer.state.get(p, {})
                 moments = state["exp_avg"].numel() if "exp_avg" in state else p.numel()
@@ -153,7 +169,10 @@ def optimizer_analytic_flops(optimizer: torch.optim.Optimizer) -> OptimizerFlops
                     m, n = _galore_matrix_shape(p)
                     full = svd_flops(m, n)
                     svd_full += full
-                    out.svd_amortised += full // int(group["update_proj_gap"])
+                    gap = int(group["update_proj_gap"])
+                    svd_by_gap[gap] = svd_by_gap.get(gap, 0) + full
+        # amortise the summed SVD work once per refresh interval (not floored per matrix)
+        out.svd_amortised = sum(total // gap for gap, total in svd_by_gap.items())
         out.detail["formula"] = "GaLoreAdamW: 10 per moment element + 2 per weight element (+1 scale if projected, +2 with weight decay); SVD 6*M*K^2+20*K^3 / update_proj_gap"
         out.detail["svd_per_refresh"] = svd_full
         return out
@@ -207,6 +226,40 @@ def masking_flops(model: nn.Module) -> tuple[int, int]:
     return fw, bw
 
 
+# -- DoRA ------------------------------------------------------------------------------------
+
+def dora_layers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(peft LoRA layer, adapter name) for every active, unmerged DoRA adapter in `model`."""
+    found = []
+    for module in model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not isinstance(magnitudes, nn.ModuleDict) or getattr(module, "merged", False):
+            continue
+        if getattr(module, "disable_adapters", False):
+            continue
+        use_dora = getattr(module, "use_dora", {})
+        for name in getattr(module, "active_adapters", []):
+            if use_dora.get(name) and name in magnitudes:
+                found.append((module, name))
+    return found
+
+
+def dora_norm_flops(model: nn.Module) -> tuple[int, int]:
+    """(forward, backward) FLOPs of DoRA's weight norm that the mode does not count.
+
+    Forward: DORA_FLOPS_PER_WEIGHT per element of each adapted weight plus DORA_FLOPS_PER_ROW
+    per output row; backward: DORA_BACKWARD_FLOPS_PER_ROW per row (module docstring).
+    """
+    fw = bw = 0
+    for module, name in dora_layers(model):
+        weight = module.get_base_layer().weight
+        rows = module.lora_magnitude_vector[name].weight.numel()
+        fw += DORA_FLOPS_PER_WEIGHT * weight.numel() + DORA_FLOPS_PER_ROW * rows
+        if module.lora_magnitude_vector[name].weight.requires_grad:
+            bw += DORA_BACKWARD_FLOPS_PER_ROW * rows
+    return fw, bw
+
+
 # -- one step ----------------------------------------------------------------------------------
 
 @dataclass
@@ -237,8 +290,9 @@ def count_step_flops(
 
     The forward (model + loss) is counted first, the backward separately (the counter's total
     is read between the phases), then the optimizer step (its matmuls, e.g. GaLore's
-    projections) plus the analytic element-wise and SVD work. Run a warm-up step before so the
-    optimizer state exists.
+    projections) plus the analytic element-wise and SVD work. The work the mode cannot see in
+    the forward and backward (masked adapters' scatter/gather, DoRA's weight norm) is added to
+    those phases. Run a warm-up step before so the optimizer state exists.
     """
     counter = flop_counter(convention)
     optimizer.zero_grad(set_to_none=True)
@@ -251,16 +305,19 @@ def count_step_flops(
         opt_matmul = counter.get_total_flops() - forward - backward
     analytic = optimizer_analytic_flops(optimizer)
     mask_fw, mask_bw = masking_flops(model)
+    dora_fw, dora_bw = dora_norm_flops(model)
     detail = {
         "optimizer_matmul": int(opt_matmul),
         "optimizer_elementwise": int(analytic.elementwise),
         "optimizer_svd_amortised": int(analytic.svd_amortised),
         "masking_forward": int(mask_fw),
         "masking_backward": int(mask_bw),
+        "dora_norm_forward": int(dora_fw),
+        "dora_norm_backward": int(dora_bw),
         "by_op": {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()},
         **{k: v for k, v in analytic.detail.items() if k == "svd_per_refresh"},
     }
-    return StepFlops(forward + mask_fw, backward + mask_bw, opt_matmul + analytic.total, detail)
+    return StepFlops(forward + mask_fw + dora_fw, backward + mask_bw + dora_bw, opt_matmul + analytic.total, detail)
 
 
 def layer_flops(
