@@ -185,7 +185,7 @@ def claims_table(results: dict, models: list[str], methods: list[str]) -> list[s
                 mobile = [saved[m] for m in depthwise if m in saved]
                 if ref and mobile and ref[0] > 0:
                     low, high = f"{min(mobile) / ref[0]:.1f}", f"{max(mobile) / ref[0]:.1f}"
-                    text += f" (MobileNets save {low if low == high else low + '-' + high}x what {dense[0]} saves)"
+                    text += f" (MobileNets save {low if low == high else low + ' to ' + high}x what {dense[0]} saves)"
                 cells.append(text)
             rows.append((f"{method} memory saved vs fft: far less on MobileNets than ResNet-18",
                          "about half as memory-efficient on depthwise-separable nets", *cells))
