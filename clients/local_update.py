@@ -20,11 +20,11 @@ from fedpeft.errors import UsageError
 from fedpeft.fleet import setup
 from fedpeft.fleet.budget import Setting, choose_setting, step_cost
 from fedpeft.fleet.config import RunConfig
-from fedpeft.methods.layers import is_batchnorm
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
 from fedpeft.train import train
+from strategies.aggregation import bn_keys, client_upload, lora_exact, lora_pairs
 
 
 @dataclass
@@ -55,8 +55,6 @@ def device_for(cfg: RunConfig, node_config: dict) -> tuple[int, Device]:
 
 def _refactor_lora(cfg: RunConfig, global_delta: dict, rank: int) -> dict:
     """A client with another rank than the global adapter gets its own rank by truncated SVD."""
-    from strategies.aggregation import lora_exact, lora_pairs
-
     pairs = lora_pairs(global_delta)
     if not pairs or next(iter(global_delta[a].shape[0] for a in pairs)) == rank:
         return global_delta
@@ -163,12 +161,11 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
                    max_steps=setting.max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
     delta = adapter.delta()
-    if shared_mask:  # the server holds the mask: upload values only
-        delta = {k: v for k, v in delta.items() if not k.endswith(".indices")}
+    if cfg.fedbn:
+        _save_local_bn(cfg, adapter, delta, client_id)
+    delta = client_upload(cfg, delta, adapter.model)  # e.g. no BN under FedBN, no indices with a shared mask
     if client_id in cfg.client_ids("corrupt_clients"):
         delta = _corrupted(delta)
-    if cfg.fedbn:
-        delta = _keep_local_bn(cfg, adapter, delta, client_id)
     record, encoded = encode(delta, cfg.upload_codec)
     metrics.update(examples=result.examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
                    quant_error=float(encoded.max_abs_error), **{"num-examples": result.examples})
@@ -212,17 +209,10 @@ def _bn_file(cfg: RunConfig, client_id: int) -> Path:
     return Path(cfg.out) / "client_state" / f"bn-{client_id}.pt"
 
 
-def _bn_keys(adapter, delta: dict) -> list[str]:
-    bn_modules = {n for n, m in adapter.model.named_modules() if is_batchnorm(m)}
-    return [k for k in delta if any(k.startswith(m + ".") or ("." + m + ".") in k for m in bn_modules)]
-
-
-def _keep_local_bn(cfg: RunConfig, adapter, delta: dict, client_id: int) -> dict:
-    keys = _bn_keys(adapter, delta)
+def _save_local_bn(cfg: RunConfig, adapter, delta: dict, client_id: int) -> None:
     buffer = io.BytesIO()
-    torch.save({k: delta[k] for k in keys}, buffer)
+    torch.save({k: delta[k] for k in bn_keys(delta, adapter.model)}, buffer)
     atomic_write_bytes(_bn_file(cfg, client_id), buffer.getvalue())
-    return {k: v for k, v in delta.items() if k not in set(keys)}
 
 
 def _load_local_bn(cfg: RunConfig, adapter, client_id: int) -> None:

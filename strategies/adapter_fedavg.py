@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,14 +23,14 @@ from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
 from fedpeft.payload import decode, encode
 from fedpeft.profiling.memory import CATEGORIES
-from strategies.aggregation import aggregate, drop_bn, fedavg, lora_pairs, taskedge_average
+from strategies.aggregation import aggregate, fedavg, lora_pairs, taskedge_average
 
 STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected")
 
 
 def expected_shapes(cfg: RunConfig, template: dict) -> dict:
     """Keys and shapes a client's upload must have; None marks a dimension that may vary.
-    `template` is a delta of this method as the clients upload it (see `upload_template`)."""
+    `template` is a delta of this method as the clients upload it (`aggregation.client_upload`)."""
     if cfg.method == "taskedge" and not cfg.shares_mask:  # every client its own mask: any length
         return {k: (None,) if k.endswith((".values", ".indices")) else tuple(v.shape) for k, v in template.items()}
     shapes = {k: tuple(v.shape) for k, v in template.items()}
@@ -39,16 +39,6 @@ def expected_shapes(cfg: RunConfig, template: dict) -> dict:
             shapes[a_key] = (None,) + shapes[a_key][1:]
             shapes[b_key] = shapes[b_key][:1] + (None,) + shapes[b_key][2:]
     return shapes
-
-
-def upload_template(cfg: RunConfig, delta: dict, bn_modules: Iterable[str]) -> dict:
-    """What a client of this run uploads, given its method's full delta: no BatchNorm under FedBN,
-    no mask indices when the server holds the shared mask."""
-    if cfg.fedbn:
-        delta = drop_bn(delta, bn_modules)
-    if cfg.shares_mask:
-        delta = {k: v for k, v in delta.items() if not k.endswith(".indices")}
-    return delta
 
 
 def client_record(msg: Message) -> dict:
@@ -79,7 +69,7 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, cfg: RunConfig, log: RunLog, global_delta: dict, template: dict,
                  numels: dict[str, int] | None = None, **kwargs):
         """`global_delta`: the adapter state sent in round 1; `template`: an upload of this method
-        (`upload_template`), whose keys and shapes every reply must match; `numels`: TaskEdge's
+        (`aggregation.client_upload`), whose keys and shapes every reply must match; `numels`: TaskEdge's
         {"<layer>.weight": weight.numel()}, to range-check uploaded indices."""
         # fraction_evaluate stays at its default: configure_evaluate below sends nothing anyway, and 0.0 makes
         # Flower log a warning every run.
@@ -105,22 +95,49 @@ class AdapterFedAvg(FedAvg):
         """The run-log line of one reply. A reply that is an error (the client process died) or is
         malformed still gets a line, with the client and device when the node answered before."""
         node_id = int(msg.metadata.src_node_id)
-        if msg.has_error():
-            reason = msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed"
+
+        def unreported(status: str, error: str) -> dict:
             return {"round": server_round, **self.known_nodes.get(node_id, {"client_id": None}), "node_id": node_id,
-                    "status": "failed", "error": reason, "bytes_up": 0, "bytes_down": 0}
+                    "status": status, "error": error, "bytes_up": 0, "bytes_down": 0}
+
+        if msg.has_error():
+            return unreported("failed", msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed")
         try:
             rec = client_record(msg)
         except (KeyError, TypeError, ValueError) as exc:
-            return {"round": server_round, **self.known_nodes.get(node_id, {"client_id": None}), "node_id": node_id,
-                    "status": "rejected", "error": f"malformed reply: {exc}", "bytes_up": 0, "bytes_down": 0}
+            return unreported("rejected", f"malformed reply: {exc}")
         self.known_nodes[node_id] = {"client_id": rec["client_id"], "device": rec["device"]}
         return rec
 
-    def check_delta(self, delta: dict) -> None:
-        """Reject what decoding cannot see: TaskEdge entries (lengths, duplicate or out-of-range indices)."""
+    def decode_delta(self, payload: ArrayRecord) -> dict:
+        """A client's upload, validated: keys and shapes, and what decoding cannot see, TaskEdge
+        entries (lengths, duplicate or out-of-range indices). Raises UsageError."""
+        delta = decode(payload, expected=self.expected)
         if self.cfg.method == "taskedge" and not self.cfg.shares_mask:
             taskedge_average([delta], [1.0], numels=self.numels)
+        return delta
+
+    def collect(self, server_round: int, replies: Iterable[Message], decode_payload: Callable[[ArrayRecord], dict],
+                wanted: Callable[[dict], bool] = lambda rec: True) -> list[tuple[dict, dict]]:
+        """Log one clients.jsonl line per reply and the round's counts and bytes; return (line, payload)
+        of every `ok` reply that is `wanted` and whose payload decodes (a bad one is logged `rejected`)."""
+        replies = list(replies)
+        counts = dict.fromkeys(STATUSES, 0)
+        accepted, bytes_up, bytes_down = [], 0, 0
+        for msg in replies:
+            rec = self.record(msg, server_round)
+            if rec["status"] == "ok" and wanted(rec):
+                try:
+                    accepted.append((rec, decode_payload(msg.content["arrays"])))
+                except UsageError as exc:
+                    rec.update(status="rejected", error=f"payload: {exc}")
+            rec["aggregated"] = rec["status"] == "ok" and wanted(rec)
+            counts[rec["status"]] += 1
+            bytes_up, bytes_down = bytes_up + rec["bytes_up"], bytes_down + rec["bytes_down"]
+            self.log.client(rec)
+        self.round_stats[server_round] = {"clients_sampled": len(replies), **{f"clients_{s}": n for s, n in counts.items()},
+                                          "bytes_up": bytes_up, "bytes_down": bytes_down}
+        return accepted
 
     # -- shared-mask TaskEdge: calibration before round 1 -----------------------------------------
     def calibrate(self, grid: Grid, expected: dict[str, tuple]) -> dict | None:
@@ -130,20 +147,8 @@ class AdapterFedAvg(FedAvg):
         messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
                     for n in self.sample(grid, 0)]
         sums: dict | None = None
-        counts, bytes_up, bytes_down = dict.fromkeys(STATUSES, 0), 0, 0
-        for msg in grid.send_and_receive(messages):
-            rec = self.record(msg, 0)
-            if rec["status"] == "ok":
-                try:
-                    part = decode(msg.content["arrays"], expected=expected)
-                    sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
-                except UsageError as exc:
-                    rec.update(status="rejected", error=f"payload: {exc}")
-            counts[rec["status"]] += 1
-            bytes_up, bytes_down = bytes_up + rec["bytes_up"], bytes_down + rec["bytes_down"]
-            self.log.client(rec)
-        self.round_stats[0] = {"clients_sampled": len(messages), **{f"clients_{s}": n for s, n in counts.items()},
-                               "bytes_up": bytes_up, "bytes_down": bytes_down}
+        for _, part in self.collect(0, grid.send_and_receive(messages), lambda payload: decode(payload, expected=expected)):
+            sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
         return sums
 
     # -- training --------------------------------------------------------------------------------
@@ -155,25 +160,9 @@ class AdapterFedAvg(FedAvg):
                 for n in self.sample(grid, server_round)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        counts = dict.fromkeys(STATUSES, 0)
-        deltas, weights = [], []
-        bytes_up = bytes_down = 0
-        for msg in replies:
-            rec = self.record(msg, server_round)
-            if rec["status"] == "ok" and rec["method"] == self.cfg.method:
-                try:
-                    delta = decode(msg.content["arrays"], expected=self.expected)
-                    self.check_delta(delta)
-                    deltas.append(delta)
-                    weights.append(max(rec["examples"], 1))
-                except UsageError as exc:
-                    rec.update(status="rejected", error=f"payload: {exc}")
-            rec["aggregated"] = rec["status"] == "ok" and rec["method"] == self.cfg.method
-            counts[rec["status"]] += 1
-            bytes_up += rec["bytes_up"]
-            bytes_down += rec["bytes_down"]
-            self.log.client(rec)
+        accepted = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method)
+        deltas = [delta for _, delta in accepted]
+        weights = [max(rec["examples"], 1) for rec, _ in accepted]
 
         new_global, error = None, None
         if deltas:
@@ -184,10 +173,8 @@ class AdapterFedAvg(FedAvg):
                 print(f"round {server_round}: {error}", file=sys.stderr)
         if new_global is not None:
             self.global_delta = new_global
-        self.round_stats[server_round] = {
-            "clients_sampled": len(replies), **{f"clients_{s}": n for s, n in counts.items()},
-            "bytes_up": bytes_up, "bytes_down": bytes_down, **({"error": error} if error else {}),
-        }
+        if error:
+            self.round_stats[server_round]["error"] = error
         if new_global is None:
             return None, None
         record, _ = encode(self.global_delta)

@@ -385,6 +385,17 @@ def drop_bn(delta: Mapping[str, torch.Tensor], bn_modules: nn.Module | Iterable[
     return {k: v for k, v in delta.items() if k not in drop}
 
 
+def client_upload(cfg, delta: Mapping[str, torch.Tensor], model: nn.Module) -> Delta:
+    """What a client of run `cfg` (a RunConfig) uploads of its method's full delta on `model`: no
+    BatchNorm under FedBN, no mask indices when the server holds the shared TaskEdge mask. The
+    clients send it and the server checks replies against it, so both use this one definition."""
+    if cfg.fedbn:
+        delta = drop_bn(delta, model)
+    if cfg.shares_mask:
+        delta = {k: v for k, v in delta.items() if not k.endswith(".indices")}
+    return dict(delta)
+
+
 # -- dispatcher ------------------------------------------------------------------------------------
 
 DENSE_METHODS = ("fft", "bn_head", "galore")

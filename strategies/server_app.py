@@ -18,11 +18,11 @@ from tqdm import tqdm
 from fedpeft.fleet import setup
 from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
-from fedpeft.methods.layers import is_batchnorm
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode
 from fedpeft.train import evaluate
-from strategies.adapter_fedavg import AdapterFedAvg, upload_template
+from strategies.adapter_fedavg import AdapterFedAvg
+from strategies.aggregation import client_upload
 
 
 def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
@@ -35,10 +35,6 @@ def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
     test = setup.task_for(cfg).target_test
     result = evaluate(adapter.model, test.images, test.labels)
     return result.accuracy, result.loss
-
-
-def _bn_modules(adapter) -> list[str]:
-    return [n for n, m in adapter.model.named_modules() if is_batchnorm(m)]
 
 
 def _taskedge_numels(adapter) -> dict[str, int] | None:
@@ -66,14 +62,14 @@ def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_
         if sums is None:
             print("calibration: no client answered; the shared mask ranks weights by |W| alone", file=sys.stderr)
         return setup.attach(cfg, cfg.method, cfg.rank, calibration=sums).delta()  # the mask, zero values, head
-    return upload_template(cfg, template_adapter.delta(), _bn_modules(template_adapter))
+    return client_upload(cfg, template_adapter.delta(), template_adapter.model)
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict:
     log = RunLog(cfg.out, cfg.to_dict())
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     template_adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
-    template = upload_template(cfg, template_adapter.delta(), _bn_modules(template_adapter))
+    template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
     strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter))
     initial = initial_state(grid, cfg, strategy, template_adapter)
     strategy.global_delta = initial

@@ -249,11 +249,12 @@ def strategy_for(cfg, tmp_path):
     """The server's strategy as server_app builds it, without a Grid (aggregation only)."""
     from fedpeft.fleet import setup
     from fedpeft.fleet.runlog import RunLog
-    from strategies.adapter_fedavg import AdapterFedAvg, upload_template
-    from strategies.server_app import _bn_modules, _taskedge_numels
+    from strategies.adapter_fedavg import AdapterFedAvg
+    from strategies.aggregation import client_upload
+    from strategies.server_app import _taskedge_numels
 
     adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
-    template = upload_template(cfg, adapter.delta(), _bn_modules(adapter))
+    template = client_upload(cfg, adapter.delta(), adapter.model)
     return AdapterFedAvg(cfg, RunLog(tmp_path / "log", cfg.to_dict()), template, template,
                          numels=_taskedge_numels(adapter))
 
@@ -305,10 +306,10 @@ def test_server_rejects_bad_sparse_uploads_instead_of_failing(tmp_path):
     cfg = small_config(tmp_path, method="taskedge")
     strategy = strategy_for(cfg, tmp_path)
     good = decode(client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1).arrays)
-    strategy.check_delta(good)
+    strategy.decode_delta(encode(good)[0])
     key = next(k for k in good if k.endswith(".indices"))
     out_of_range = {**good, key: good[key] + 10**8}
     duplicated = {**good, key: torch.zeros_like(good[key])}
     for bad in (out_of_range, duplicated):
         with pytest.raises(UsageError):
-            strategy.check_delta(bad)
+            strategy.decode_delta(encode(bad)[0])
