@@ -15,6 +15,7 @@ Flower 1.42 facts this relies on (read from the installed flwr package):
   port, and leaves it running. `run_flwr` gives every call its own port (so it never reuses a
   SuperLink someone else started) and stops the one it caused afterwards.
 - Connections live in `$FLWR_HOME/config.toml` under `[superlink.<name>]`.
+TLS and SuperNode authentication (`security=`/`auth_key=` below): see deploy_security.py.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from fedpeft.fleet.deploy_security import (  # noqa: F401 (re-exported: one import for callers)
+    REFUSED_EXIT_CODE, DeploymentKeys, Security, connection_lines, health_url, list_supernodes,
+    make_certs, register_supernode, superlink_args, supernode_args)
 
 HOST = "127.0.0.1"
 LOCAL_ADDRESS = ":local:"  # Flower's magic address: a local simulation SuperLink started on demand
@@ -237,13 +242,13 @@ def _popen(cmd: list[str], log_path: Path, env: dict, cwd: Path | None = None) -
                                 env=env, cwd=str(cwd) if cwd else None, start_new_session=True)
 
 
-def _wait_http_ok(url: str, proc: Proc, timeout: float) -> None:
+def _wait_http_ok(url: str, context, proc: Proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.is_running():
             raise RuntimeError(f"{proc.name} exited early; log {proc.log_path}:\n{proc.read_log()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:  # noqa: S310 (loopback only)
+            with urllib.request.urlopen(url, timeout=0.5, context=context) as resp:  # noqa: S310 (loopback)
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -252,12 +257,16 @@ def _wait_http_ok(url: str, proc: Proc, timeout: float) -> None:
     raise TimeoutError(f"{proc.name} not ready at {url} after {timeout:.0f}s; log {proc.log_path}")
 
 
-def _launch(name: str, cmd: list[str], log_path: Path, env: dict, cwd: Path, port: int, ready_timeout: float) -> Proc:
-    """Start a Flower service and return once its /health on 127.0.0.1:`port` answers (stopped if it never does)."""
+def _launch(name: str, cmd: list[str], log_path: Path, env: dict, cwd: Path, port: int, ready_timeout: float,
+            security: Security | None = None) -> Proc:
+    """Start a Flower service; return once its /health on 127.0.0.1:`port` answers (over TLS if
+    `security`; stopped if it never does), or at once if `ready_timeout` is None."""
     popen = _popen(cmd, log_path, flower_env(env), cwd=cwd)
     proc = Proc.from_popen(name, popen, log_path=log_path, address=f"{HOST}:{port}")
+    if ready_timeout is None:
+        return proc
     try:
-        _wait_http_ok(f"http://{HOST}:{port}/health", proc, ready_timeout)
+        _wait_http_ok(*health_url(port, HOST, security), proc=proc, timeout=ready_timeout)
     except BaseException:
         stop(proc)
         raise
@@ -265,19 +274,20 @@ def _launch(name: str, cmd: list[str], log_path: Path, env: dict, cwd: Path, por
 
 
 def start_superlink(state_dir: str | Path, port_base: int | None = None, env: dict | None = None,
-                    ready_timeout: float = 60.0) -> Proc:
+                    ready_timeout: float = 60.0, security: Security | None = None) -> Proc:
     """A SuperLink on 127.0.0.1 with its state in `state_dir`/state.db, runtime dependency
     installation off. Flower 1.42 serves Fleet, Control and ServerAppIo on one HTTP port:
-    `port_base`, or a free port when None. Returns once /health answers."""
+    `port_base`, or a free port when None. `security`: TLS (and SuperNode auth if
+    `security.supernode_auth`); None: `--insecure`. Returns once /health answers."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     port = port_base or free_port()
-    cmd = [_bin("flower-superlink"), "--insecure", "--database", str(state_dir / "state.db"),
+    cmd = [_bin("flower-superlink"), *superlink_args(security), "--database", str(state_dir / "state.db"),
            "--disable-runtime-dependency-installation", "--host", HOST, "--port", str(port)]
     log_path = state_dir / "superlink.log"
     # Its own FLWR_HOME: the SuperLink unpacks each run's FAB under $FLWR_HOME/apps.
     env = {"FLWR_HOME": str(state_dir / "flwr-home"), **(env or {})}
-    return _launch("flower-superlink", cmd, log_path, env, state_dir, port, ready_timeout)
+    return _launch("flower-superlink", cmd, log_path, env, state_dir, port, ready_timeout, security)
 
 
 def format_node_config(node_config: dict) -> str:
@@ -295,12 +305,16 @@ def format_node_config(node_config: dict) -> str:
 
 def start_supernode(superlink_address: str, node_config: dict, port: int | None = None,
                     log_dir: str | Path | None = None, env: dict | None = None,
-                    ready_timeout: float = 60.0) -> Proc:
+                    ready_timeout: float | None = 60.0, security: Security | None = None,
+                    auth_key: str | Path | None = None) -> Proc:
     """A SuperNode connected to `superlink_address` (host:port), its runtime API on 127.0.0.1:`port`
-    (a free port when None). Returns once its runtime API's /health answers."""
+    (a free port when None). `security`: TLS against `security.ca_cert` (None: the system CA
+    store), `auth_key`: its private key for node auth; no `security`: `--insecure`. Returns once
+    its runtime API's (plain HTTP) /health answers, or at once if `ready_timeout` is None (for a
+    node meant to be refused: it logs REFUSED_EXIT_CODE and exits, maybe before /health answers)."""
     port = port or free_port()
     node_cfg = format_node_config(node_config)
-    cmd = [_bin("flower-supernode"), "--insecure", "--superlink", superlink_address,
+    cmd = [_bin("flower-supernode"), *supernode_args(security, auth_key), "--superlink", superlink_address,
            "--node-config", node_cfg, "--host", HOST, "--port", str(port)]
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedpeft-supernode-")).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -320,10 +334,12 @@ def _toml_value(value) -> str:
 
 
 def write_flwr_config(flwr_home: str | Path, federation_name: str, address: str | None = None,
-                      simulation_options: dict | None = None, insecure: bool = True) -> Path:
+                      simulation_options: dict | None = None, insecure: bool = True,
+                      security: Security | None = None) -> Path:
     """Write `$FLWR_HOME/config.toml` with one SuperLink connection, also the default one.
 
-    - `address` given ("127.0.0.1:PORT"): a deployed SuperLink, `insecure = true`.
+    - `address` given ("127.0.0.1:PORT"): a deployed SuperLink, `insecure = true`; with
+      `security`, TLS instead (`insecure = false`, `root-certificates` = its CA certificate).
     - otherwise: a local simulation (address ":local:"), with `options.num-supernodes` and one CPU,
       no GPU per virtual client (Flower's default, 2 CPUs, serializes clients on a small machine).
       `simulation_options` keys: num-supernodes (default 2), num-cpus (1), num-gpus (0.0),
@@ -337,7 +353,7 @@ def write_flwr_config(flwr_home: str | Path, federation_name: str, address: str 
         raise ValueError(f"federation name must be letters, digits, '-' or '_', got {name!r}")
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]"]
     if address:
-        lines += [f"address = {_toml_value(address)}", f"insecure = {_toml_value(bool(insecure))}"]
+        lines += [f"address = {_toml_value(address)}", *connection_lines(security, insecure)]
     else:
         opts = dict(simulation_options or {})
         lines += [f'address = "{LOCAL_ADDRESS}"',
