@@ -11,13 +11,14 @@ import fedpeft  # noqa: F401  (torchvision shim first)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local_update import ClientReply, calibration_round, client_round, crash_if_injected
+from clients.local_update import ClientReply, calibration_round, client_round, crash_if_injected, identify
 from fedpeft.fleet.config import RunConfig
 
 
 def _reply_message(msg: Message, reply: ClientReply, server_round: int) -> Message:
-    logging.getLogger("fedpeft").info("client %s (%s) round %d: %s %s", reply.metrics["client_id"],
-                                      reply.info["device"], server_round, reply.info["status"], reply.info["chosen"])
+    if "status" in reply.info:
+        logging.getLogger("fedpeft").info("client %s (%s) round %d: %s %s", reply.metrics["client_id"],
+                                          reply.info["device"], server_round, reply.info["status"], reply.info["chosen"])
     content = RecordDict({
         "arrays": reply.arrays,
         "metrics": MetricRecord({k: float(v) if isinstance(v, float) else int(v) for k, v in reply.metrics.items()}),
@@ -41,6 +42,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         config = cfg or RunConfig.from_mapping(context.run_config)
+        if msg.content["config"].get("phase") == "identify":
+            return _reply_message(msg, identify(config, dict(context.node_config)), 0)
         return _reply_message(msg, calibration_round(config, dict(context.node_config)), 0)
 
     return app

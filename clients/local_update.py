@@ -25,6 +25,7 @@ from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
 from fedpeft.train import train
 from strategies.aggregation import bn_keys, client_upload, lora_exact, lora_pairs
+from strategies.robust import scaled_update
 
 
 @dataclass
@@ -158,6 +159,8 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
             adapter.start_from(global_delta)
     if cfg.fedbn:
         _load_local_bn(cfg, adapter, client_id)
+    poisoned = client_id in cfg.client_ids("poison_clients")
+    start = client_upload(cfg, adapter.delta(), adapter.model) if poisoned else None
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
                    max_steps=setting.max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
     delta = adapter.delta()
@@ -166,10 +169,22 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     delta = client_upload(cfg, delta, adapter.model)  # e.g. no BN under FedBN, no indices with a shared mask
     if client_id in cfg.client_ids("corrupt_clients"):
         delta = _corrupted(delta)
+    examples = result.examples
+    if poisoned:  # fault injection: the update scaled (sign-flipped by default), the example count inflated
+        delta = scaled_update(delta, start, cfg.poison_scale)
+        examples = cfg.poison_examples or examples
     record, encoded = encode(delta, cfg.upload_codec)
-    metrics.update(examples=result.examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
-                   quant_error=float(encoded.max_abs_error), **{"num-examples": result.examples})
+    metrics.update(examples=examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
+                   quant_error=float(encoded.max_abs_error), **{"num-examples": examples})
     return log.finish(record, {k: v * result.steps for k, v in setting.cost.flops.items()})
+
+
+def identify(cfg: RunConfig, node_config: dict) -> ClientReply:
+    """The server's roll call before round 1: who this node is (client id, device), nothing else.
+    The server samples by client id, so a seed picks the same clients in every run (simulated node
+    ids are random), and a node that later fails or times out is logged with its client and device."""
+    client_id, device = device_for(cfg, node_config)
+    return ClientReply(ArrayRecord(), {"client_id": client_id}, {"device": device.name, "phase": "identify"})
 
 
 def calibration_round(cfg: RunConfig, node_config: dict) -> ClientReply:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import threading
+import time
 
 from fedpeft.errors import UsageError
 
@@ -41,7 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("fedpeft: interrupted\n")
+        exit_if_threads_linger(130)
         return 130
+
+
+def exit_if_threads_linger(code: int, grace_s: float = 5.0) -> None:
+    """After Ctrl-C in a simulation, Flower's runtime worker threads (not daemons) can stay blocked
+    in a call to a Ray actor that Ray's shutdown already killed, and the interpreter would wait for
+    them forever. Our own work is done and flushed by then: give them `grace_s`, then exit."""
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

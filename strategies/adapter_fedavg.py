@@ -1,29 +1,31 @@
 """AdapterFedAvg: Flower's FedAvg over adapter deltas instead of whole models.
 
-Only what the method trains crosses the wire. Replies are validated against the global adapter's
-keys and shapes before they are aggregated (a bad payload is rejected, never fatal), every
-client's costs go to the run log as they arrive, and aggregation is method-aware: weighted FedAvg,
-LoRA fedit / ffa / exact, TaskEdge's per-entry average or shared mask, FedBN.
+Only what the method trains crosses the wire. Every reply is validated (strategies/validation.py:
+keys, shapes, dtypes, finite values and metrics, a credible example count) and screened by its
+update's norm (strategies/robust.py) before it can touch the global state; a bad one is logged
+`rejected` with its reason, never fatal. Aggregation is method-aware: weighted FedAvg, LoRA
+fedit / ffa / exact, TaskEdge's per-entry average or shared mask, FedBN; or coordinate-wise median
+/ trimmed mean. The round loop itself (roll call, timeouts, checkpoints) is strategies/run_loop.py.
 """
 from __future__ import annotations
 
 import random
 import sys
-import time
 from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedpeft.errors import UsageError
+from fedpeft.errors import UsageError, require
 from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
-from fedpeft.payload import decode, encode
+from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
 from strategies.aggregation import aggregate, fedavg, lora_pairs, taskedge_average
+from strategies.robust import coordinate_median, screen, trimmed_mean
+from strategies.validation import check_dtypes, check_examples, check_finite, check_metrics
 
 STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected")
 
@@ -67,125 +69,190 @@ def client_record(msg: Message) -> dict:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, cfg: RunConfig, log: RunLog, global_delta: dict, template: dict,
-                 numels: dict[str, int] | None = None, **kwargs):
+                 numels: dict[str, int] | None = None, examples_cap: Callable[[int], int | None] | None = None,
+                 **kwargs):
         """`global_delta`: the adapter state sent in round 1; `template`: an upload of this method
-        (`aggregation.client_upload`), whose keys and shapes every reply must match; `numels`: TaskEdge's
-        {"<layer>.weight": weight.numel()}, to range-check uploaded indices."""
+        (`aggregation.client_upload`), whose keys, shapes and dtypes every reply must match; `numels`:
+        TaskEdge's {"<layer>.weight": weight.numel()}, to range-check uploaded indices; `examples_cap`:
+        the most examples a client may claim (its partition size x local epochs)."""
         # fraction_evaluate stays at its default: configure_evaluate below sends nothing anyway, and 0.0 makes
         # Flower log a warning every run.
         super().__init__(min_available_nodes=cfg.per_round, min_train_nodes=cfg.per_round, **kwargs)
         self.cfg = cfg
         self.log = log
         self.global_delta = global_delta
+        self.template = template
         self.expected = expected_shapes(cfg, template)
         self.numels = numels
+        self.examples_cap = examples_cap or (lambda client_id: None)
         self.round_stats: dict[int, dict] = {}
-        self.known_nodes: dict[int, dict] = {}  # node id -> client id and device, for replies that carry neither
+        self.known_nodes: dict[int, dict] = {}  # node id -> client id and device (the roll call, then replies)
+        self.sent_bytes: dict[int, int] = {}  # node id -> bytes of what this round sent it
 
     def summary(self) -> None:  # Flower logs this at start; our run log has the config
         pass
 
     # -- sampling and replies ----------------------------------------------------------------------
-    def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """This round's clients: a seeded draw from every connected node, so a seed repeats the run."""
-        _, all_nodes = sample_nodes(grid, self.min_available_nodes, self.cfg.per_round)
-        return sorted(random.Random(self.cfg.seed * 7919 + server_round).sample(sorted(all_nodes), self.cfg.per_round))
+    def sample(self, nodes: Iterable[int], server_round: int) -> list[int]:
+        """This round's clients: a seeded draw of client ids (node ids are random in a simulation),
+        so a seed repeats the run; nodes the roll call did not identify are drawn by node id."""
+        nodes = sorted(nodes)
+        by_client = {info["client_id"]: n for n, info in self.known_nodes.items()
+                     if n in nodes and info.get("client_id") is not None}
+        keys = sorted(by_client) + [("node", n) for n in nodes if n not in by_client.values()]
+        k = min(self.cfg.per_round, len(keys))
+        picked = random.Random(self.cfg.seed * 7919 + server_round).sample(keys, k)
+        return sorted(by_client[key] if key in by_client else key[1] for key in picked)
+
+    def unreported(self, node_id: int, server_round: int, status: str, error: str) -> dict:
+        """The line of a reply that says nothing usable about itself: who it was comes from what the
+        server knows of the node (the roll call), never from the reply."""
+        return {"round": server_round, "client_id": None, "device": None,
+                **self.known_nodes.get(node_id, {}), "node_id": node_id, "status": status,
+                "error": error, "bytes_up": 0, "bytes_down": self.sent_bytes.get(node_id, 0)}
 
     def record(self, msg: Message, server_round: int) -> dict:
-        """The run-log line of one reply. A reply that is an error (the client process died) or is
-        malformed still gets a line, with the client and device when the node answered before."""
+        """The run-log line of one reply, checked: a reply that is an error (the client process died)
+        or is malformed still gets a line, with the client and device the server knows for its node."""
         node_id = int(msg.metadata.src_node_id)
-
-        def unreported(status: str, error: str) -> dict:
-            return {"round": server_round, **self.known_nodes.get(node_id, {"client_id": None}), "node_id": node_id,
-                    "status": status, "error": error, "bytes_up": 0, "bytes_down": 0}
-
         if msg.has_error():
-            return unreported("failed", msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed")
+            reason = msg.error.reason.strip().splitlines()[-1][:500] if msg.error.reason else "failed"
+            return self.unreported(node_id, server_round, "failed", reason)
         try:
+            check_metrics(dict(msg.content["metrics"]))  # first: a NaN or inf would break the parsing below
             rec = client_record(msg)
-        except (KeyError, TypeError, ValueError) as exc:
-            return unreported("rejected", f"malformed reply: {exc}")
-        self.known_nodes[node_id] = {"client_id": rec["client_id"], "device": rec["device"]}
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # UsageError is a ValueError
+            return self.unreported(node_id, server_round, "rejected", f"malformed reply: {exc}")
+        known = self.known_nodes.get(node_id)
+        try:
+            require(known is None or known["client_id"] == rec["client_id"],
+                    f"client_id: node {node_id} is client {known and known['client_id']}, the reply claims {rec['client_id']}")
+            rec["examples"] = check_examples(rec["examples"], self.examples_cap(rec["client_id"]))
+        except UsageError as exc:
+            rec.update(status="rejected", error=str(exc), **(known or {}))
+        if known is None:
+            self.known_nodes[node_id] = {"client_id": rec["client_id"], "device": rec["device"]}
+        # Bytes as the server saw them: what came up, and no more than what went down.
+        arrays = msg.content.array_records.get("arrays")
+        rec["bytes_up"] = record_bytes(arrays) if arrays is not None else 0
+        rec["bytes_down"] = min(rec["bytes_down"], self.sent_bytes.get(node_id, rec["bytes_down"]))
         return rec
 
     def decode_delta(self, payload: ArrayRecord) -> dict:
-        """A client's upload, validated: keys and shapes, and what decoding cannot see, TaskEdge
+        """A client's upload, validated: keys, shapes and dtypes, and what decoding cannot see, TaskEdge
         entries (lengths, duplicate or out-of-range indices). Raises UsageError."""
         delta = decode(payload, expected=self.expected)
+        check_dtypes(delta, self.template)
         if self.cfg.method == "taskedge" and not self.cfg.shares_mask:
             taskedge_average([delta], [1.0], numels=self.numels)
         return delta
 
     def collect(self, server_round: int, replies: Iterable[Message], decode_payload: Callable[[ArrayRecord], dict],
-                wanted: Callable[[dict], bool] = lambda rec: True) -> list[tuple[dict, dict]]:
-        """Log one clients.jsonl line per reply and the round's counts and bytes; return (line, payload)
-        of every `ok` reply that is `wanted` and whose payload decodes (a bad one is logged `rejected`)."""
-        replies = list(replies)
-        counts = dict.fromkeys(STATUSES, 0)
-        accepted, bytes_up, bytes_down = [], 0, 0
+                wanted: Callable[[dict], bool] = lambda rec: True) -> list[tuple[dict, dict | None]]:
+        """(line, payload) of every reply; payload is None unless the reply is `ok`, `wanted` and its
+        payload decodes and validates (a bad one is marked `rejected` with the reason)."""
+        out = []
         for msg in replies:
-            rec = self.record(msg, server_round)
+            rec, payload = self.record(msg, server_round), None
             if rec["status"] == "ok" and wanted(rec):
                 try:
-                    accepted.append((rec, decode_payload(msg.content["arrays"])))
+                    require("arrays" in msg.content.array_records, "reply has no arrays record")
+                    payload = decode_payload(msg.content.array_records["arrays"])
                 except UsageError as exc:
                     rec.update(status="rejected", error=f"payload: {exc}")
-            rec["aggregated"] = rec["status"] == "ok" and wanted(rec)
+            rec["aggregated"] = False
+            out.append((rec, payload))
+        return out
+
+    def write_lines(self, server_round: int, lines: list[dict], missing: Iterable[int] = ()) -> None:
+        """Log every reply's line (and a `failed` line for each node that did not answer in time) and
+        the round's counts and bytes."""
+        lines = lines + [self.unreported(n, server_round, "failed", f"no reply within {self.cfg.round_timeout_s:g} s "
+                                         "(round_timeout_s)") for n in missing]
+        counts = dict.fromkeys(STATUSES, 0)
+        for rec in lines:
             counts[rec["status"]] += 1
-            bytes_up, bytes_down = bytes_up + rec["bytes_up"], bytes_down + rec["bytes_down"]
             self.log.client(rec)
-        self.round_stats[server_round] = {"clients_sampled": len(replies), **{f"clients_{s}": n for s, n in counts.items()},
-                                          "bytes_up": bytes_up, "bytes_down": bytes_down}
-        return accepted
+        self.round_stats[server_round] = {"clients_sampled": len(lines), **{f"clients_{s}": n for s, n in counts.items()},
+                                          "bytes_up": sum(r["bytes_up"] for r in lines),
+                                          "bytes_down": sum(r["bytes_down"] for r in lines)}
 
     # -- shared-mask TaskEdge: calibration before round 1 -----------------------------------------
-    def calibrate(self, grid: Grid, expected: dict[str, tuple]) -> dict | None:
-        """Ask this round-0 sample for activation statistics and sum them (None if nobody answered)."""
-        self._round_start = time.perf_counter()
+    def calibration_messages(self, nodes: Iterable[int]) -> list[Message]:
         config = ConfigRecord({"server-round": 0, "phase": "calibrate"})
-        messages = [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
-                    for n in self.sample(grid, 0)]
+        return [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in self.sample(nodes, 0)]
+
+    def calibration_sums(self, replies: Iterable[Message], expected: dict[str, tuple],
+                         missing: Iterable[int] = ()) -> dict | None:
+        """Sum this round-0 sample's activation statistics (None if nobody answered)."""
         sums: dict | None = None
-        for _, part in self.collect(0, grid.send_and_receive(messages), lambda payload: decode(payload, expected=expected)):
-            sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+        lines = self.collect(0, replies, lambda payload: decode(payload, expected=expected))
+        for rec, part in lines:
+            if part is not None:
+                sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+                rec["aggregated"] = True
+        self.write_lines(0, [rec for rec, _ in lines], missing)
         return sums
 
     # -- training --------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._round_start = time.perf_counter()
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
-                for n in self.sample(grid, server_round)]
+        nodes = self.sample(grid.get_node_ids(), server_round)
+        self.sent_bytes = dict.fromkeys(nodes, record_bytes(arrays))
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method)
-        deltas = [delta for _, delta in accepted]
-        weights = [max(rec["examples"], 1) for rec, _ in accepted]
-
-        new_global, error = None, None
-        if deltas:
-            try:
-                new_global = self._aggregate(deltas, weights)
-            except (UsageError, RuntimeError, ValueError) as exc:  # never fatal: keep the previous global state
-                error = f"aggregation failed, global adapter unchanged: {exc}"
-                print(f"round {server_round}: {error}", file=sys.stderr)
-        if new_global is not None:
-            self.global_delta = new_global
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        missing: Iterable[int] = ()) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, screen and aggregate; whatever fails, the previous global adapter stays and the
+        round's line says why."""
+        lines = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method)
+        live = []
+        for rec, delta in lines:
+            if delta is not None and rec["examples"] == 0:
+                rec["error"] = "reported 0 examples: weight 0"
+            elif delta is not None:
+                live.append((rec, delta))
+        new_global, record, error = None, None, None
+        try:
+            uploads, rejected, norms = screen([d for _, d in live], self.global_delta,
+                                              reject_multiple=self.cfg.reject_norm_multiple, clip_norm=self.cfg.clip_norm,
+                                              clip_median_multiple=self.cfg.clip_median_multiple)
+            for i, (rec, _) in enumerate(live):
+                rec["update_norm"] = norms[i]
+                if i in rejected:
+                    rec.update(status="rejected", error=rejected[i])
+            kept = [rec for i, (rec, _) in enumerate(live) if i not in rejected]
+            if uploads:
+                new_global = self._aggregate(uploads, [rec["examples"] for rec in kept])
+                check_finite(new_global)
+                check_dtypes({k: v for k, v in new_global.items() if k in self.template}, self.template)
+                record, _ = encode(new_global)
+                for rec in kept:
+                    rec["aggregated"] = True
+        except Exception as exc:  # noqa: BLE001  (never fatal: keep the previous global state)
+            new_global, record = None, None
+            error = f"aggregation failed, global adapter unchanged: {type(exc).__name__}: {exc}"[:500]
+            print(f"round {server_round}: {error}", file=sys.stderr)
+        self.write_lines(server_round, [rec for rec, _ in lines], missing)
         if error:
             self.round_stats[server_round]["error"] = error
         if new_global is None:
             return None, None
-        record, _ = encode(self.global_delta)
-        return record, MetricRecord({"clients-aggregated": len(deltas)})
+        self.global_delta = new_global
+        return record, MetricRecord({"clients-aggregated": sum(rec["aggregated"] for rec, _ in lines)})
 
     def _aggregate(self, deltas: list[dict], weights: list[float]) -> dict:
         cfg = self.cfg
+        indices = {k: v for k, v in self.global_delta.items() if k.endswith(".indices")} if cfg.shares_mask else {}
+        if cfg.aggregator == "median":  # config validation allows these only for same-shape uploads
+            return {**indices, **coordinate_median(deltas)}
+        if cfg.aggregator == "trimmed_mean":
+            return {**indices, **trimmed_mean(deltas, cfg.trim_fraction)}
         if cfg.shares_mask:
             # One mask for every client: values (or LoRA pairs) and head average entry by entry; the
             # mask itself stays on the server and goes back down with the values.
-            indices = {k: v for k, v in self.global_delta.items() if k.endswith(".indices")}
             return {**indices, **fedavg(deltas, weights)}
         if cfg.method == "taskedge":
             averaged = aggregate(cfg.method, None, deltas, weights, numels=self.numels)

@@ -11,18 +11,19 @@ import time
 
 import fedpeft  # noqa: F401  (torchvision shim first)
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from fedpeft.fleet import setup
 from fedpeft.fleet.config import RunConfig
-from fedpeft.fleet.runlog import RunLog
+from fedpeft.fleet.runlog import RunLog, check_out_dir, check_same_run, load_checkpoint
 from fedpeft.paths import atomic_write_bytes
-from fedpeft.payload import decode, encode
+from fedpeft.payload import encode
 from fedpeft.train import evaluate
 from strategies.adapter_fedavg import AdapterFedAvg
 from strategies.aggregation import client_upload
+from strategies.run_loop import exchange, roll_call, run_rounds, wait_for_nodes
 
 
 def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
@@ -51,34 +52,60 @@ def _calibration_shapes(cfg: RunConfig) -> dict[str, tuple[int]]:
     return {name: (layer.weight[0].numel(),) for name, layer in target_layers(setup.pretrained_model(cfg), method).items()}
 
 
-def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_adapter) -> dict:
+def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_adapter, nodes: list[int]) -> dict:
     """What round 1 sends down: the method's initial adapter (the base model is already on every
     device). Local-mask TaskEdge clients pick their own masks, so nothing; a shared mask is built
     from the fleet's calibration statistics (|W| alone if no client answered)."""
     if cfg.method == "taskedge" and not cfg.shares_mask:
         return {}
     if cfg.shares_mask:
-        sums = strategy.calibrate(grid, _calibration_shapes(cfg))
+        replies, missing = exchange(grid, strategy.calibration_messages(nodes), cfg.round_timeout_s)
+        sums = strategy.calibration_sums(replies, _calibration_shapes(cfg), missing)
         if sums is None:
             print("calibration: no client answered; the shared mask ranks weights by |W| alone", file=sys.stderr)
         return setup.attach(cfg, cfg.method, cfg.rank, calibration=sums).delta()  # the mask, zero values, head
     return client_upload(cfg, template_adapter.delta(), template_adapter.model)
 
 
+def _examples_cap(cfg: RunConfig):
+    """The most examples a client may claim: the configured cap, else its partition size x local epochs."""
+    sizes: dict[int, int] = {}
+
+    def cap(client_id: int) -> int | None:
+        if cfg.max_examples:
+            return cfg.max_examples
+        if not 0 <= client_id < cfg.num_clients:
+            return 0  # no such partition: it holds nothing
+        if client_id not in sizes:
+            sizes[client_id] = len(setup.client_data(cfg, client_id).labels) * cfg.local_epochs
+        return sizes[client_id]
+
+    return cap
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict:
-    log = RunLog(cfg.out, cfg.to_dict())
+    check_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    checkpoint = None
+    if cfg.resume:
+        check_same_run(cfg.out, cfg.to_dict())
+        checkpoint = load_checkpoint(cfg.out)
+    log = RunLog(cfg.out, cfg.to_dict(), keep_lines=checkpoint["lines"] if checkpoint else None)
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     template_adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
     template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
-    strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter))
-    initial = initial_state(grid, cfg, strategy, template_adapter)
-    strategy.global_delta = initial
-    bar = tqdm(total=cfg.rounds, desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
+    strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter),
+                             examples_cap=_examples_cap(cfg))
+    nodes = wait_for_nodes(grid, cfg.per_round, cfg.round_timeout_s)
+    strategy.known_nodes = roll_call(grid, nodes, cfg.round_timeout_s)
+    done = checkpoint["round"] if checkpoint else -1
+    bar = tqdm(total=cfg.rounds, initial=max(done, 0), desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
                disable=None, dynamic_ncols=True)
-    last = {"t": time.perf_counter()}
+    last = {"t": time.perf_counter(), "replies": 0}
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        global_delta = decode(arrays) if len(arrays) else {}
+    def end_round(server_round: int, arrays: ArrayRecord) -> None:
+        """Evaluate, log the round, save the global adapter and the checkpoint (in that order: a
+        checkpoint only ever covers lines already written)."""
+        global_delta = strategy.global_delta
         accuracy, loss = evaluate_global(cfg, global_delta)
         stats = strategy.round_stats.get(server_round, {})
         now = time.perf_counter()
@@ -86,23 +113,30 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                    "clients_sampled": stats.get("clients_sampled", 0),
                    **{k: stats.get(k, 0) for k in ("clients_ok", "clients_failed", "clients_over_budget",
                                                     "clients_unavailable", "clients_rejected", "bytes_up", "bytes_down")},
+                   **({"error": stats["error"]} if "error" in stats else {}),
                    "wall_s": round(now - last["t"], 3)})
-        last["t"] = now
+        last.update(t=now, replies=0)
         if global_delta:
             buffer = io.BytesIO()
             torch.save(global_delta, buffer)
             atomic_write_bytes(log.dir / "global_adapter.pt", buffer.getvalue())
+        log.save_checkpoint(server_round, global_delta)
         if server_round > 0:
             bar.update(1)
-            bar.set_postfix(acc=f"{accuracy:.3f}", ok=stats.get("clients_ok", 0),
-                            up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")
-        else:
-            bar.set_postfix(acc=f"{accuracy:.3f}")
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        bar.set_postfix(acc=f"{accuracy:.3f}", ok=stats.get("clients_ok", 0), up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")
+
+    def on_reply(_msg) -> None:
+        last["replies"] += 1
+        bar.set_postfix_str(f"round {bar.n + 1}: {last['replies']}/{cfg.per_round} clients", refresh=True)
 
     try:
-        strategy.start(grid=grid, initial_arrays=encode(initial)[0] if initial else ArrayRecord(), num_rounds=cfg.rounds,
-                       train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+        if checkpoint:
+            strategy.global_delta = checkpoint["global_delta"]
+        else:
+            strategy.global_delta = initial_state(grid, cfg, strategy, template_adapter, nodes)
+            end_round(0, ArrayRecord())
+        initial = encode(strategy.global_delta)[0] if strategy.global_delta else ArrayRecord()
+        run_rounds(grid, strategy, done + 1 if checkpoint else 1, initial, end_round, on_reply)
     finally:
         bar.close()
     from fedpeft.report import plot_run, summarize

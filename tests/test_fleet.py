@@ -251,12 +251,12 @@ def strategy_for(cfg, tmp_path):
     from fedpeft.fleet.runlog import RunLog
     from strategies.adapter_fedavg import AdapterFedAvg
     from strategies.aggregation import client_upload
-    from strategies.server_app import _taskedge_numels
+    from strategies.server_app import _examples_cap, _taskedge_numels
 
     adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
     template = client_upload(cfg, adapter.delta(), adapter.model)
     return AdapterFedAvg(cfg, RunLog(tmp_path / "log", cfg.to_dict()), template, template,
-                         numels=_taskedge_numels(adapter))
+                         numels=_taskedge_numels(adapter), examples_cap=_examples_cap(cfg))
 
 
 def test_ffa_clients_upload_only_b_and_the_server_averages_it(tmp_path):

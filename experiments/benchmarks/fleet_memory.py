@@ -180,7 +180,8 @@ def run_one(num_clients: int, clients_per_round: int, rounds: int, model: str, p
     from fedpeft.fleet.simulation import run_fleet
 
     cfg = RunConfig(model=model, num_clients=num_clients, clients_per_round=clients_per_round, rounds=rounds,
-                    pretrain_epochs=pretrain_epochs, batch_size=batch_size, out=run_out, cache_dir=cache_dir)
+                    pretrain_epochs=pretrain_epochs, batch_size=batch_size, out=run_out, cache_dir=cache_dir,
+                    overwrite=True)  # a repeat of one size reuses its run directory
     started = time.perf_counter()
     with TreeSampler(interval=interval, tag=os.environ.get(TAG_VAR)) as sampler:
         summary = run_fleet(cfg)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedpeft.commands.simulate import add_run_options, config_from_args
 from fedpeft.errors import choice
+from fedpeft.fleet.runlog import check_out_dir
 
 
 def register(subparsers) -> None:
@@ -27,6 +28,8 @@ def run(args) -> int:
         choice("methods", m, METHODS)
     base = config_from_args(args, method=methods[0])
     out = Path(base.out)
+    for method in methods:  # every run directory checked before the first run starts
+        check_out_dir(out / method, overwrite=base.overwrite)
     run_dirs = {}
     for i, method in enumerate(methods, 1):
         print(f"[{i}/{len(methods)}] {method}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """`fedpeft simulate`: a fleet of budgeted edge devices adapting one model with Flower on Ray."""
 from __future__ import annotations
 
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -33,8 +34,10 @@ def add_run_options(parser, default_out: str = "runs/latest") -> None:
         parser.add_argument(flag, dest=name, type=positive_int if kind is int and name not in ("seed", "clients_per_round") else kind,
                             help=HELP.get(name))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run setting")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the logs of a previous run in --out (default: refuse)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
-    parser.set_defaults(default_out=default_out)
+    parser.set_defaults(default_out=default_out, resume=None)
 
 
 def config_from_args(args, **forced) -> RunConfig:
@@ -52,13 +55,41 @@ def config_from_args(args, **forced) -> RunConfig:
         require(bool(sep), f"set: expected KEY=VALUE, got {item!r}")
         values[key.strip()] = value.strip()
     values.update({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
+    if args.overwrite:
+        values["overwrite"] = True
     values.update(forced)
     return RunConfig.from_mapping(values)
+
+
+def resumed_config(run_dir: str) -> RunConfig:
+    """The settings of the run in `run_dir` (its config.json), to continue it from its checkpoint."""
+    path = Path(run_dir) / "config.json"
+    require(path.is_file(), f"resume: {run_dir} holds no run (no config.json)")
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"resume: {path} is not readable JSON ({exc})") from None
+    require(isinstance(stored, dict), f"resume: {path} is not a run config")
+    return RunConfig.from_mapping({**stored, "out": run_dir, "resume": True, "overwrite": False})
+
+
+def no_client_trained(run_dir: Path) -> str | None:
+    """Why nothing trained, when no client of any round >= 1 finished `ok` (None when one did)."""
+    from fedpeft.report import read_jsonl
+
+    lines = [r for r in read_jsonl(run_dir / "clients.jsonl") if r.get("round", 0) >= 1]
+    if any(r.get("status") == "ok" for r in lines):
+        return None
+    errors = [r.get("error") or r.get("status") for r in lines]
+    common = max(set(errors), key=errors.count) if errors else "no client was sampled"
+    return f"no client trained in any round ({len(lines)} client-rounds); most common reason: {common}"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("simulate", help="simulate a fleet of edge devices (Flower on Ray)")
     add_run_options(parser)
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round "
+                                                         "(its own settings; other options are ignored)")
     parser.set_defaults(func=run)
 
 
@@ -66,10 +97,14 @@ def run(args) -> int:
     from fedpeft.fleet.simulation import run_fleet
     from fedpeft.report import run_table
 
-    cfg = config_from_args(args)
+    cfg = resumed_config(args.resume) if args.resume else config_from_args(args)
     summary = run_fleet(cfg, verbose=args.verbose)
     print(run_table(summary))
     print(f"\nwrote {Path(cfg.out).resolve()}/ (clients.jsonl, rounds.jsonl, summary.json, plots)", file=sys.stderr)
+    reason = no_client_trained(Path(cfg.out))
+    if reason:
+        print(f"fedpeft: error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

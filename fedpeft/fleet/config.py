@@ -12,6 +12,7 @@ LORA_MODES = ("fedit", "ffa", "exact")
 TASKEDGE_MASKS = ("local", "shared")
 BUDGET_POLICIES = ("adapt", "strict")
 CODECS = ("none", "fp16", "int8")
+AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 
 
 @dataclass
@@ -42,6 +43,15 @@ class RunConfig:
     max_flops_per_round: float = 0.0  # per client; 0: no FLOP budget
     upload_codec: str = "none"
     fleet: str = ""  # fleet TOML; "": a mixed default fleet of num_clients devices
+    # robustness (strategies/robust.py): how updates are combined, and which are screened out first
+    aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, unweighted)
+    trim_fraction: float = 0.1  # trimmed_mean: share of clients cut at each end of every coordinate
+    clip_norm: float = 0.0  # clip each update (upload - global) to this L2 norm; 0: off
+    clip_median_multiple: float = 0.0  # clip each update to this multiple of the round's median norm; 0: off
+    reject_norm_multiple: float = 10.0  # reject an update whose norm exceeds this multiple of the others' median; 0: off
+    max_examples: int = 0  # cap on the examples a reply may claim; 0: the client's partition size x local_epochs
+    # time limits: a round waits at most this long for nodes to connect and for replies
+    round_timeout_s: float = 600.0
     # data
     dataset: str = "digits"
     data_dir: str = ""
@@ -54,10 +64,15 @@ class RunConfig:
     # fault injection, for testing what a fleet survives: client ids, comma-separated
     fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
+    poison_clients: str = ""  # these upload start + poison_scale x (their update), claiming poison_examples examples
+    poison_scale: float = -10.0  # -10: sign-flipped and scaled ten-fold
+    poison_examples: int = 0  # examples the poisoned clients claim; 0: their true count
     # bookkeeping
     seed: int = 0
     out: str = "runs/latest"
     cache_dir: str = ""
+    resume: bool = False  # continue the run in `out` from its last checkpoint
+    overwrite: bool = False  # allow a new run to replace the logs of a previous run in `out`
 
     def __post_init__(self) -> None:
         from fedpeft.data.corruptions import CORRUPTIONS
@@ -71,6 +86,7 @@ class RunConfig:
         choice("taskedge_mask", self.taskedge_mask, TASKEDGE_MASKS)
         choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
         choice("upload_codec", self.upload_codec, CODECS)
+        choice("aggregator", self.aggregator, AGGREGATORS)
         choice("dataset", self.dataset, ("digits", "cifar10"))
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
@@ -82,11 +98,21 @@ class RunConfig:
         require(self.max_flops_per_round >= 0, f"max_flops_per_round: must be >= 0, got {self.max_flops_per_round}")
         require(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
         require(self.lr >= 0, f"lr: must be >= 0, got {self.lr}")
+        require(0 <= self.trim_fraction < 0.5, f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        for name in ("clip_norm", "clip_median_multiple", "reject_norm_multiple", "max_examples", "poison_examples"):
+            require(getattr(self, name) >= 0, f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
+        require(self.round_timeout_s > 0, f"round_timeout_s: must be > 0 seconds, got {self.round_timeout_s}")
+        require(not (self.resume and self.overwrite), "resume, overwrite: choose one (resume continues a run, "
+                                                      "overwrite replaces it)")
+        if self.aggregator != "fedavg":
+            require(self.same_shape_uploads, f"aggregator {self.aggregator}: needs uploads of one shape; not available "
+                                             "for taskedge with taskedge_mask=local or lora_mode=exact (use fedavg)")
         if self.fleet:
             require(Path(self.fleet).is_file(), f"fleet: no such file {self.fleet!r}")
         make_method(self.method, **self.method_hparams())  # validates rank, density, nm
         self.client_ids("fail_clients")
         self.client_ids("corrupt_clients")
+        self.client_ids("poison_clients")
 
     def method_hparams(self, method: str | None = None, rank: int | None = None) -> dict:
         from fedpeft.methods import method_fields
@@ -108,6 +134,13 @@ class RunConfig:
     def shares_mask(self) -> bool:
         """One TaskEdge mask for the whole fleet, built by the server from calibration statistics."""
         return self.method == "taskedge_lora" or (self.method == "taskedge" and self.taskedge_mask == "shared")
+
+    @property
+    def same_shape_uploads(self) -> bool:
+        """Every client's upload has the same keys and shapes (what coordinate-wise rules need)."""
+        local_mask = self.method == "taskedge" and not self.shares_mask
+        mixed_ranks = self.method in ("lora", "dora") and self.lora_mode == "exact"
+        return not (local_mask or mixed_ranks)
 
     @property
     def per_round(self) -> int:
