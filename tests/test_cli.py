@@ -33,6 +33,11 @@ def error_lines(stderr: str) -> list[str]:
         (["simulate", "--lora-mode", "mean"], "lora_mode"),
         (["simulate", "--set", "colour=red"], "colour"),
         (["simulate", "--num-clients", "-3"], "--num-clients"),
+        (["simulate", "--num-clients", "200", "--clients-per-round", "500"], "clients_per_round"),
+        (["simulate", "--aggregator", "mode"], "aggregator"),
+        (["simulate", "--set", "aggregator=median", "--method", "taskedge"], "aggregator median"),
+        (["simulate", "--set", "round_timeout_s=0"], "round_timeout_s"),
+        (["simulate", "--set", "resume=true", "--set", "overwrite=true"], "resume"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, names, capsys, tmp_path):

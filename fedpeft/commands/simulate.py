@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import BUDGET_POLICIES, CODECS, LORA_MODES, TASKEDGE_MASKS, RunConfig
+from fedpeft.fleet.config import AGGREGATORS, BUDGET_POLICIES, CODECS, LORA_MODES, TASKEDGE_MASKS, RunConfig
 
 # CLI flag -> RunConfig field, for the options most runs change.
 FLAGS = {
@@ -17,6 +17,8 @@ FLAGS = {
     "lora_mode": str, "taskedge_mask": str, "budget_policy": str, "upload_codec": str, "max_flops_per_round": float,
     "fleet": str, "dataset": str, "data_dir": str, "task": str, "corruption": str, "severity": int,
     "partition": str, "pretrain_epochs": int, "seed": int, "out": str, "cache_dir": str, "input_size": int,
+    "aggregator": str, "clip_norm": float, "clip_median_multiple": float, "reject_norm_multiple": float,
+    "round_timeout_s": float, "poison_clients": str,
 }
 HELP = {
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
@@ -24,6 +26,12 @@ HELP = {
     "budget_policy": f"one of {', '.join(BUDGET_POLICIES)}",
     "upload_codec": f"one of {', '.join(CODECS)}", "fleet": "fleet TOML file (default: a mixed fleet)",
     "clients_per_round": "clients sampled per round (0: all)", "max_flops_per_round": "per-client FLOP budget per round (0: none)",
+    "aggregator": f"one of {', '.join(AGGREGATORS)} (default fedavg)",
+    "clip_norm": "clip every update to this L2 norm (0: off)",
+    "clip_median_multiple": "clip every update to this multiple of the round's median norm (0: off)",
+    "reject_norm_multiple": "reject updates over this multiple of the other clients' median norm (default 10; 0: off)",
+    "round_timeout_s": "longest wait for nodes and replies in a round, seconds (default 600)",
+    "poison_clients": "fault injection: these client ids upload poisoned updates (comma-separated)",
 }
 
 
