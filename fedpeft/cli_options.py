@@ -5,7 +5,12 @@ import argparse
 
 from fedpeft.data.corruptions import CORRUPTIONS
 from fedpeft.methods import METHODS
+from fedpeft.methods.taskedge import DEFAULT_DENSITY, DEFAULT_LORA_DENSITY
 from fedpeft.models import MODELS
+
+
+DENSITY_HELP = (f"TaskEdge mask density in (0, 1] (default {DEFAULT_DENSITY}; "
+                f"taskedge_lora {DEFAULT_LORA_DENSITY})")
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +52,7 @@ def add_method(parser: argparse.ArgumentParser, default: str = "lora") -> None:
                         help=f"one of {', '.join(sorted(METHODS))} (default {default})")
     parser.add_argument("--rank", type=positive_int, help="LoRA/DoRA/GaLore rank (default 4)")
     parser.add_argument("--alpha", type=positive_float, help="LoRA/DoRA scaling alpha (default 4)")
-    parser.add_argument("--density", type=density, help="TaskEdge mask density in (0, 1] (default 0.001)")
+    parser.add_argument("--density", type=density, help=DENSITY_HELP)
     parser.add_argument("--nm", help="TaskEdge N:M pattern, e.g. 2:4")
     parser.add_argument("--depthwise", action="store_true", help="LoRA/DoRA: also adapt depthwise convs")
     parser.add_argument("--lr", type=positive_float, help="learning rate (default: the method's own)")

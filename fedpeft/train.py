@@ -1,7 +1,6 @@
 """Local training and evaluation, shared by every method, the CLI and the Flower client."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +39,22 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generat
         yield images[idx], labels[idx]
 
 
+def require_bn_batches(method_name: str, trains_bn_stats: bool, examples: int, batch_size: int) -> None:
+    """A method that trains BatchNorm statistics skips batches of one (BatchNorm cannot normalise
+    them in train mode); refuse up front when that would leave no batch at all."""
+    if not trains_bn_stats:
+        return
+    why = f"{method_name} trains BatchNorm statistics, which need batches of at least 2"
+    require(batch_size >= 2, f"batch_size: {why}; got {batch_size}")
+    require(examples >= 2, f"data: {why}; the training partition has only {examples} example")
+
+
+def usable_batches(examples: int, batch_size: int, trains_bn_stats: bool) -> int:
+    """Batches per epoch that make a step (a trailing batch of one is skipped when BN statistics train)."""
+    full, rest = divmod(examples, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and not trains_bn_stats) else 0)
+
+
 def train(
     adapter: Adapter,
     images: torch.Tensor,
@@ -59,15 +74,18 @@ def train(
     require(len(labels) > 0, "data: no training examples")
     require(batch_size > 0, f"batch_size: must be > 0, got {batch_size}")
     require(epochs > 0, f"epochs: must be > 0, got {epochs}")
+    bn_stats = adapter.trains_bn_stats
+    require_bn_batches(adapter.method.name, bn_stats, len(labels), batch_size)
     optimizer = optimizer or adapter.optimizer(lr=lr if lr is not None else adapter.method.lr)
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    steps_per_epoch = usable_batches(len(labels), batch_size, bn_stats)
     total = min(epochs * steps_per_epoch, max_steps) if max_steps is not None else epochs * steps_per_epoch
     adapter.train_mode()
     loss_sum, correct, seen, step = 0.0, 0, 0, 0
     while step < total:
+        stepped = False
         for x, y in batches(images, labels, batch_size, generator):
-            if len(y) < 2 and adapter.trains_bn_stats:
+            if len(y) < 2 and bn_stats:
                 continue  # BatchNorm in train mode cannot normalise a batch of one
             logits = adapter.model(x)
             loss = F.cross_entropy(logits, y)
@@ -75,6 +93,7 @@ def train(
             loss.backward()
             optimizer.step()
             step += 1
+            stepped = True
             loss_sum += loss.item()
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -82,6 +101,8 @@ def train(
                 progress(step, total, loss.item())
             if step >= total:
                 break
+        if not stepped:
+            break  # an epoch without a step would repeat forever; the checks above should prevent it
     adapter.model.eval()
     return TrainResult(loss=loss_sum / max(step, 1), accuracy=correct / max(seen, 1), examples=seen, steps=step)
 

@@ -122,14 +122,14 @@ def test_depthwise_lora_adds_r_times_c_plus_k2_per_depthwise_conv():
 
 
 @pytest.mark.parametrize("density", [0.01, 0.05])
-def test_taskedge_density_and_same_count_per_neuron(density, batch):
+def test_taskedge_density_and_even_spread_over_neurons(density, batch):
     x, _ = batch
     adapter = make_method("taskedge", density=density).attach(pretrained("resnet18"), calibration=x)
-    assert abs(adapter.density() - density) <= 0.01 * density
+    assert abs(adapter.realised_density - density) <= 0.01 * density
     for name, layer in adapter.layers.items():
         rows = layer.indices // layer.base.weight[0].numel()
         counts = torch.bincount(rows, minlength=layer.base.weight.shape[0])
-        assert (counts == counts[0]).all() and counts[0] >= 1, name
+        assert counts.max() - counts.min() <= 1 and counts.max() >= 1, name
 
 
 def test_taskedge_nm_masks_have_exactly_n_of_every_m_chosen_block(batch):

@@ -25,15 +25,21 @@ def finetune(args) -> dict:
     from fedpeft.methods import make_method
     from fedpeft.models import build_model
     from fedpeft.pretrain import pretrained_checkpoint
-    from fedpeft.train import evaluate, train
+    from fedpeft.train import evaluate, require_bn_batches, train
 
     method = make_method(args.method, **cli_options.method_hparams(args))  # bad hyper-parameters fail before any work
     task = cli_options.task_from_args(args)
+    target = task.target_train
+    if args.batch_size < 2 or len(target) < 2:
+        # Batches of one are only fatal for methods that train BatchNorm statistics, which is a
+        # property of the adapter: attach to an untrained model (cheap) to fail before pretraining.
+        probe = method.attach(build_model(args.model, num_classes=task.num_classes, input_size=args.input_size,
+                                          seed=args.seed))
+        require_bn_batches(args.method, probe.trains_bn_stats, len(target), args.batch_size)
     checkpoint = pretrained_checkpoint(args.model, task, input_size=args.input_size, epochs=args.pretrain_epochs,
                                        seed=args.seed, cache=args.cache_dir)
     model = build_model(args.model, num_classes=task.num_classes, input_size=args.input_size,
                         checkpoint=checkpoint, seed=args.seed)
-    target = task.target_train
     calibration = target.images[: min(64, len(target))]
     adapter = method.attach(model, calibration=calibration)
     before = evaluate(adapter.model, task.target_test.images, task.target_test.labels)
@@ -55,13 +61,16 @@ def finetune(args) -> dict:
             raise UsageError(f"export-peft: only lora and dora adapters have peft's format, not {args.method}")
         adapter.export_peft(args.export_peft)
     params_total = sum(p.numel() for p in adapter.model.parameters())
-    return {
+    out = {
         "model": args.model, "method": args.method, "task": task.name, "hparams": method.hparams(),
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "loss_before": before.loss, "loss_after": after.loss, "train_loss": result.loss,
         "params_total": params_total, "params_trainable": adapter.num_trainable(),
         "delta_bytes": adapter.delta_bytes(), "steps": result.steps, "wall_s": round(wall, 2),
     }
+    if hasattr(adapter, "realised_density"):  # TaskEdge: the mask's true share of its target weights
+        out["realised_density"] = adapter.realised_density
+    return out
 
 
 def run(args) -> int:
@@ -74,6 +83,8 @@ def run(args) -> int:
     print(f"accuracy         {out['accuracy_before']:.3f} -> {out['accuracy_after']:.3f} (target test set)")
     print(f"trainable params {out['params_trainable']:,} of {out['params_total']:,} "
           f"({100 * out['params_trainable'] / out['params_total']:.2f}%)")
+    if "realised_density" in out:
+        print(f"mask density     {out['realised_density']:.4%} realised ({out['hparams']['density']:.4%} requested)")
     print(f"delta bytes      {out['delta_bytes']:,}")
     print(f"train time       {out['wall_s']} s ({out['steps']} steps)")
     return 0

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedpeft.cli_options import density, positive_float, positive_int
+from fedpeft.cli_options import DENSITY_HELP, density, positive_float, positive_int
 from fedpeft.errors import UsageError
 
 DEFAULT_MATRIX_CSV = "profile_matrix.csv"
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", help="comma-separated methods: profile every (model, method) pair")
     parser.add_argument("--rank", type=positive_int, help="LoRA/DoRA/GaLore rank (method default 4)")
     parser.add_argument("--alpha", type=positive_float, help="LoRA/DoRA alpha (method default 4)")
-    parser.add_argument("--density", type=density, help="TaskEdge mask density in (0, 1]")
+    parser.add_argument("--density", type=density, help=DENSITY_HELP)
     parser.add_argument("--nm", help="TaskEdge N:M pattern, e.g. 2:4")
     parser.add_argument("--input-size", type=positive_int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default 8)")
@@ -117,6 +117,8 @@ def detail_table(r: dict) -> str:
         f"input             batch {r['batch_size']} x 3 x {r['input_size']} x {r['input_size']}, {r['num_classes']} classes, {r['dtype']}",
         f"parameters        {r['params_trainable']:,} trainable of {r['params_total']:,} ({pct:.2f}%)",
         f"payload           {r['payload_bytes']:,} B ({human_bytes(r['payload_bytes'])})",
+        *([f"mask density      {r['realised_density']:.4%} realised ({r['hparams']['density']:.4%} requested)"]
+          if "realised_density" in r else []),
         "",
         f"memory            {'at peak':>14} {'own max':>14}",
     ]
@@ -164,6 +166,7 @@ def csv_row(r: dict) -> dict:
     for conv, flops in sorted(r["flops_by_convention"].items()):
         for part in ("forward", "backward", "optimizer", "total"):
             row[f"flops_{part}_{conv}"] = flops[part]
+    row["realised_density"] = r.get("realised_density", "")  # TaskEdge only
     row["profile_seconds"] = r["profile_seconds"]
     return row
 

@@ -1,12 +1,22 @@
 """TaskEdge (arXiv 2504.03718): train a sparse, task-aware set of weights.
 
 Importance of weight W_ij = |W_ij| * ||X_j||_2, with X_j the j-th input of the layer over a
-calibration batch (for a conv, the j-th element of the unfolded input patch). Allocation is at
-the neuron level: every output neuron of a layer gets the same number of entries, its own top-k
-by importance, with k = round(density * fan_in) (at least 1), so the trainable set is spread
-evenly over the network instead of piling into a few layers. With an N:M pattern, each neuron's
-fan-in is cut into blocks of M consecutive inputs and whole blocks are chosen, each with exactly
-its top N entries (k rounded to a multiple of N).
+calibration batch (for a conv, the j-th element of the unfolded input patch).
+
+Allocation: the density is a budget, k_total = round(density * all target weights). Each layer
+gets its share in proportion to its size (largest remainder, so the shares sum to k_total), and
+within a layer the share is spread at the neuron level as TaskEdge does: every output neuron gets
+floor(share / out) entries, its own top ones by importance, and the leftover entries go to the
+neurons whose next-best entry is the most important. At the paper's 0.1% most neurons have a
+fan-in under 1,000, so most get no entry at all, and the realised density equals the request to
+the nearest entry (the old "at least one per neuron" rule trained 0.47% of MobileNetV2 at 0.1%).
+
+With an N:M pattern the unit is a group instead of an entry: a neuron's fan-in is cut into groups
+of M consecutive inputs, a chosen group keeps exactly its top N entries, and the budget counts
+about k_total / N groups (a layer's share capped at all its groups, so density tops out at N/M).
+The last group of a fan-in that is not a multiple of M has only fan_in mod M inputs and keeps
+min(N, fan_in mod M) of them, so the realised density (the adapter's `realised_density`) can fall
+slightly short of the request.
 
 Only the masked entries train: each target layer is wrapped by `MaskedLayer`, which keeps the
 pre-trained weight frozen and learns a vector of `values` (one per masked entry) added at the
@@ -28,6 +38,11 @@ from fedpeft.errors import require
 from fedpeft.methods.base import Adapter, Delta, Method
 from fedpeft.methods.layers import dense_layers, freeze, set_submodule
 from fedpeft.models import head_of
+
+#: THE TaskEdge density: the paper's 0.1%. CLI help and configs import it rather than repeat it.
+DEFAULT_DENSITY = 0.001
+#: taskedge_lora's default: its dense LoRA pair is cheap, so a denser mask pays off.
+DEFAULT_LORA_DENSITY = 0.01
 
 # Flat indices travel as int32 (half of int64's bytes); torch's indexing wants int64 in memory.
 INDEX_DTYPE = torch.int32
@@ -96,31 +111,75 @@ def importance(weight: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor
 
 
 # -- allocation ---------------------------------------------------------------------------------
-def per_neuron_count(fan_in: int, density: float, nm: tuple[int, int] | None) -> int:
-    k = max(1, round(density * fan_in))
-    if nm is not None:
-        n, m = nm
-        blocks = math.ceil(fan_in / m)
-        k = min(max(n, n * round(k / n)), n * blocks)
-    return min(k, fan_in)
+def apportion(quotas: list[float], total: int) -> list[int]:
+    """Integers summing to `total` (the rounded sum of `quotas`), each its quota's floor or ceil:
+    the floors, plus one for the largest fractional parts (ties to the earlier)."""
+    counts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
+    for i in order[: max(0, total - sum(counts))]:
+        counts[i] += 1
+    return counts
 
 
-def neuron_mask(scores: torch.Tensor, k: int, nm: tuple[int, int] | None) -> torch.Tensor:
-    """Flat indices into the (out, fan_in) matrix: each row's top-k (or top blocks of N:M)."""
-    out, fan_in = scores.shape
+def unit_scores(scores: torch.Tensor, nm: tuple[int, int] | None):
+    """What the budget is counted in, per neuron: entries, or N:M groups.
+
+    Returns (score of each unit (out, units), and for N:M the top-N column of each group
+    (out, groups, N), where a column >= fan_in is padding of the last, partial group)."""
     if nm is None:
-        cols = scores.topk(k, dim=1).indices
+        return scores, None
+    n, m = nm
+    out, fan_in = scores.shape
+    # -inf padding ranks below every real entry, so a partial group's real entries come first.
+    padded = F.pad(scores, (0, (-fan_in) % m), value=-math.inf).view(out, -1, m)
+    top = padded.topk(n, dim=2)
+    cols = top.indices + torch.arange(padded.shape[1]).view(1, -1, 1) * m
+    return top.values.clamp_min(0).sum(dim=2), cols  # padding adds nothing to a group's score
+
+
+def layer_budgets(shapes: dict[str, tuple[int, int]], density: float, nm: tuple[int, int] | None) -> dict[str, int]:
+    """Units (entries, or N:M groups) per layer: k_total spread over layers in proportion to size."""
+    quotas = []
+    for out, fan_in in shapes.values():
+        if nm is None:
+            quotas.append(density * out * fan_in)
+        else:
+            n, m = nm
+            quotas.append(min(density * out * fan_in / n, out * math.ceil(fan_in / m)))
+    return dict(zip(shapes, apportion(quotas, round(sum(quotas)))))
+
+
+def neuron_counts(units: torch.Tensor, budget: int) -> torch.Tensor:
+    """Units per neuron (row): `budget` spread evenly, the leftover to the rows whose next-best
+    unit scores highest, so with budget < rows some neurons get none."""
+    out, available = units.shape
+    if not 0 <= budget <= out * available:  # layer_budgets caps every share; this is a bug, not input
+        raise ValueError(f"budget {budget} outside [0, {out * available}]")
+    base, extra = divmod(budget, out)
+    counts = torch.full((out,), base, dtype=torch.int64)
+    if extra:
+        next_best = units.topk(base + 1, dim=1).values[:, base]
+        counts[next_best.topk(extra).indices] += 1
+    return counts
+
+
+def neuron_mask(scores: torch.Tensor, budget: int, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Sorted flat indices into the (out, fan_in) matrix: `budget` units spread over the neurons,
+    each neuron taking its own best ones (N:M: its best groups, N entries each)."""
+    out, fan_in = scores.shape
+    units, group_cols = unit_scores(scores, nm)
+    counts = neuron_counts(units, budget)
+    top = int(counts.max()) if out else 0
+    chosen = units.topk(top, dim=1).indices  # (out, top), best first
+    keep = torch.arange(top).view(1, -1) < counts.view(-1, 1)
+    if nm is None:
+        cols = chosen
     else:
-        n, m = nm
-        pad = (-fan_in) % m
-        padded = F.pad(scores, (0, pad), value=-1.0).view(out, -1, m)  # (out, blocks, m)
-        top_in_block = padded.topk(n, dim=2)  # exactly N per block
-        block_score = top_in_block.values.sum(dim=2)
-        chosen_blocks = block_score.topk(k // n, dim=1).indices  # (out, k/n)
-        within = top_in_block.indices.gather(1, chosen_blocks.unsqueeze(-1).expand(-1, -1, n))
-        cols = (chosen_blocks.unsqueeze(-1) * m + within).reshape(out, -1)
-    rows = torch.arange(out).unsqueeze(1)
-    return (rows * fan_in + cols).reshape(-1).sort().values
+        n = nm[0]
+        cols = group_cols.gather(1, chosen.unsqueeze(-1).expand(-1, -1, n)).reshape(out, -1)
+        keep = keep.repeat_interleave(n, dim=1) & (cols < fan_in)  # never a padding column
+    rows = torch.arange(out).view(-1, 1).expand_as(cols)
+    return (rows * fan_in + cols)[keep].sort().values
 
 
 # -- masked layers --------------------------------------------------------------------------------
@@ -171,11 +230,14 @@ class TaskEdgeAdapter(Adapter):
         norms = {name: s.sqrt() for name, s in sums.items()}
         freeze(model)
         self.layers: dict[str, MaskedLayer] = {}
+        nm = method.nm_pair
+        shapes = {name: (layer.weight.shape[0], layer.weight[0].numel()) for name, layer in layers.items()}
+        budgets = layer_budgets(shapes, method.density, nm)
         for name, layer in layers.items():
             require(layer.weight.numel() < 2**31, f"{name}: {layer.weight.numel()} weights overflow int32 flat indices")
             scores = importance(layer.weight, norms.get(name))
-            k = per_neuron_count(scores.shape[1], method.density, method.nm_pair)
-            masked = MaskedLayer(layer, neuron_mask(scores, k, method.nm_pair), method.lora_rank, method.lora_alpha)
+            # A layer whose share rounds to zero keeps an empty mask: every adapter has the same keys.
+            masked = MaskedLayer(layer, neuron_mask(scores, budgets[name], nm), method.lora_rank, method.lora_alpha)
             set_submodule(model, name, masked)
             self.layers[name] = masked
         self.head_name = head_name if method.train_head else None
@@ -241,17 +303,21 @@ class TaskEdgeAdapter(Adapter):
                 for pname, p in self.model.get_submodule(self.head_name).named_parameters():
                     p.copy_(delta[f"{self.head_name}.{pname}"])
 
-    def density(self) -> float:
-        """Masked entries over all entries of the target layers (the realised density)."""
+    @property
+    def realised_density(self) -> float:
+        """Masked entries over all entries of the target layers (what trains, not what was asked)."""
         masked = sum(layer.indices.numel() for layer in self.layers.values())
         total = sum(layer.base.weight.numel() for layer in self.layers.values())
-        return masked / total
+        return masked / total if total else 0.0
+
+    def density(self) -> float:
+        return self.realised_density
 
 
 @dataclass
 class TaskEdge(Method):
     name = "taskedge"
-    density: float = 0.001
+    density: float = DEFAULT_DENSITY
     nm: str | None = None
     train_head: bool = True
 
@@ -275,7 +341,7 @@ class TaskEdgeLoRA(TaskEdge):
     """The LoRA product B @ A, gated by the TaskEdge mask (denser masks pay off here)."""
 
     name = "taskedge_lora"
-    density: float = 0.01
+    density: float = DEFAULT_LORA_DENSITY
     rank: int = 4
     alpha: float = 4.0
 

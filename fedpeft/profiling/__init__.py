@@ -51,6 +51,7 @@ class StepCost:
     profile_seconds: float = 0.0
     torch_version: str = ""
     cached: bool = False
+    realised_density: float | None = None  # TaskEdge: the mask's true share of its target weights
 
     @property
     def peak_bytes(self) -> int:
@@ -79,6 +80,7 @@ class StepCost:
             "torch_version": self.torch_version,
             "profile_seconds": self.profile_seconds,
             "cached": self.cached,
+            **({"realised_density": self.realised_density} if self.realised_density is not None else {}),
         }
 
 
@@ -208,6 +210,7 @@ def _cost_from_record(record: dict, convention: str, cached: bool) -> StepCost:
         num_classes=record["num_classes"], dtype=record["dtype"],
         flops_by_convention=record["flops_by_convention"], flops_detail=record.get("flops_detail", {}),
         profile_seconds=record["profile_seconds"], torch_version=record["torch_version"], cached=cached,
+        realised_density=record.get("realised_density"),
     )
 
 
@@ -255,6 +258,8 @@ def _profile(model_name: str, method, input_size: int, batch_size: int, num_clas
             "dtype": dtype,
             "torch_version": torch.__version__,
         }
+        if hasattr(adapter, "realised_density"):
+            record["realised_density"] = float(adapter.realised_density)
     record["profile_seconds"] = round(time.perf_counter() - started, 3)
     return record
 

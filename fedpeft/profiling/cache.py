@@ -21,7 +21,8 @@ from pathlib import Path
 
 #: Bump when what a profile measures or how it is stored changes: old entries stop matching.
 #: 2: DoRA's weight-norm FLOPs counted; library versions in the key.
-SCHEMA_VERSION = 2
+#: 3: TaskEdge allocates one global budget (fewer entries at low density); realised_density stored.
+SCHEMA_VERSION = 3
 
 
 def default_cache_dir() -> Path:
