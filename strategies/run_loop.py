@@ -99,10 +99,10 @@ def roll_call(grid: Grid, nodes: Iterable[int], timeout_s: float) -> dict[int, d
 
 
 def run_rounds(grid: Grid, strategy, first_round: int, arrays: ArrayRecord,
-               end_round: Callable[[int, ArrayRecord], None],
+               end_round: Callable[[int], None],
                on_reply: Callable[[Message], None] | None = None) -> ArrayRecord:
-    """Rounds `first_round`..cfg.rounds: sample, send, collect, aggregate, then `end_round(round,
-    arrays)` (evaluation, logs, checkpoint). Returns the final global adapter record."""
+    """Rounds `first_round`..cfg.rounds: sample, send, collect, aggregate, then `end_round(round)`
+    (evaluation, logs, checkpoint). Returns the final global adapter record."""
     cfg = strategy.cfg
     for server_round in range(first_round, cfg.rounds + 1):
         wait_for_nodes(grid, cfg.per_round, cfg.round_timeout_s)
@@ -111,5 +111,5 @@ def run_rounds(grid: Grid, strategy, first_round: int, arrays: ArrayRecord,
         new_arrays, _ = strategy.aggregate_train(server_round, replies, missing)
         if new_arrays is not None:
             arrays = new_arrays
-        end_round(server_round, arrays)
+        end_round(server_round)
     return arrays

@@ -102,7 +102,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                disable=None, dynamic_ncols=True)
     last = {"t": time.perf_counter(), "replies": 0}
 
-    def end_round(server_round: int, arrays: ArrayRecord) -> None:
+    def end_round(server_round: int) -> None:
         """Evaluate, log the round, save the global adapter and the checkpoint (in that order: a
         checkpoint only ever covers lines already written)."""
         global_delta = strategy.global_delta
@@ -134,7 +134,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
             strategy.global_delta = checkpoint["global_delta"]
         else:
             strategy.global_delta = initial_state(grid, cfg, strategy, template_adapter, nodes)
-            end_round(0, ArrayRecord())
+            end_round(0)
         initial = encode(strategy.global_delta)[0] if strategy.global_delta else ArrayRecord()
         run_rounds(grid, strategy, done + 1 if checkpoint else 1, initial, end_round, on_reply)
     finally:
