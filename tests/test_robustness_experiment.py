@@ -31,7 +31,7 @@ def test_readme_robustness_figures_are_in_the_committed_summary():
     import re
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Robustness against poisoned clients"):readme.index("## Benchmarks")]
+    section = readme[readme.index("## Robustness against poisoned clients"):readme.index("## Layout")]
     summary = (ROOT / "experiments" / "results" / "robustness" / "summary.md").read_text()
     figures = re.findall(r"\d\.\d{4}|\d+\.\d pts", section.replace("−", "-"))
     assert len(figures) >= 10, figures
