@@ -163,6 +163,10 @@ def _cifar_root(root) -> str:
     return root
 
 
+# A fleet never downloads (its devices are offline): only finetune and pretrain take --download.
+DOWNLOAD_HINT = " (fedpeft finetune/pretrain; simulate needs --data-dir: fetch it once with `fedpeft pretrain --dataset cifar10 --download --data-dir DIR`)"
+
+
 def load_cifar10(root, split: str = "train", download: bool = False) -> ImageDataset:
     """CIFAR-10 (32 x 32) from `root`/cifar-10-batches-py via torchvision.datasets.CIFAR10.
 
@@ -173,7 +177,7 @@ def load_cifar10(root, split: str = "train", download: bool = False) -> ImageDat
     if root is None:
         raise UsageError(
             f"data-dir: CIFAR-10 needs a data directory (root / --data-dir) holding a "
-            f"'{CIFAR10_FOLDER}' folder, or --download to fetch it there"
+            f"'{CIFAR10_FOLDER}' folder, or --download to fetch it there{DOWNLOAD_HINT}"
         )
     root = _cifar_root(root)
     folder = os.path.join(root, CIFAR10_FOLDER)
@@ -182,13 +186,13 @@ def load_cifar10(root, split: str = "train", download: bool = False) -> ImageDat
         if not os.path.isdir(folder):
             raise UsageError(
                 f"data-dir: no '{CIFAR10_FOLDER}' folder in {root!r}; point root / --data-dir at the "
-                f"directory that holds the extracted CIFAR-10 python version, or pass --download"
+                f"directory that holds the extracted CIFAR-10 python version, or pass --download{DOWNLOAD_HINT}"
             )
         missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise UsageError(
                 f"data-dir: {folder!r} lacks {', '.join(missing)}; expected the standard CIFAR-10 "
-                f"python files ({', '.join(needed)}), or pass --download"
+                f"python files ({', '.join(needed)}), or pass --download{DOWNLOAD_HINT}"
             )
     cls = _local_cifar10_class()
     try:
