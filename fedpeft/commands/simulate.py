@@ -1,7 +1,6 @@
 """`fedpeft simulate`: a fleet of budgeted edge devices adapting one model with Flower on Ray."""
 from __future__ import annotations
 
-import json
 import sys
 import tomllib
 from pathlib import Path
@@ -70,15 +69,10 @@ def config_from_args(args, **forced) -> RunConfig:
 
 
 def resumed_config(run_dir: str) -> RunConfig:
-    """The settings of the run in `run_dir` (its config.json), to continue it from its checkpoint."""
-    path = Path(run_dir) / "config.json"
-    require(path.is_file(), f"resume: {run_dir} holds no run (no config.json)")
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"resume: {path} is not readable JSON ({exc})") from None
-    require(isinstance(stored, dict), f"resume: {path} is not a run config")
-    return RunConfig.from_mapping({**stored, "out": run_dir, "resume": True, "overwrite": False})
+    """The settings of the run in `run_dir`, to continue it from its checkpoint."""
+    from fedpeft.fleet.runlog import read_run_config
+
+    return RunConfig.from_mapping({**read_run_config(run_dir), "out": run_dir, "resume": True, "overwrite": False})
 
 
 def no_client_trained(run_dir: Path) -> str | None:

@@ -111,9 +111,21 @@ def load_checkpoint(out_dir: str | Path) -> dict | None:
     return state
 
 
+def read_run_config(out_dir: str | Path) -> dict:
+    """The settings of the run in `out_dir` (its config.json). Raises UsageError."""
+    path = Path(out_dir) / "config.json"
+    require(path.is_file(), f"resume: {out_dir} holds no run (no config.json)")
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"resume: {path} is not readable JSON ({exc})") from None
+    require(isinstance(stored, dict), f"resume: {path} is not a run config")
+    return stored
+
+
 def check_same_run(out_dir: str | Path, config: dict) -> None:
     """A resumed run must compute what the original did: its settings, but for RESUMABLE_CHANGES."""
-    stored = json.loads((Path(out_dir) / "config.json").read_text())
+    stored = read_run_config(out_dir)
     differ = sorted(k for k in set(stored) | set(config)
                     if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k))
     require(not differ, f"resume: settings differ from the run in {out_dir}: "
