@@ -11,7 +11,7 @@ import fedpeft  # noqa: F401  (torchvision shim first)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local_update import ClientReply, calibration_round, client_round, crash_if_injected, identify
+from clients.local_update import ClientReply, Conditions, calibration_round, client_round, crash_if_injected, identify
 from fedpeft.fleet.config import RunConfig
 
 
@@ -35,7 +35,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         config = cfg or RunConfig.from_mapping(context.run_config)
         server_round = int(msg.content["config"]["server-round"])
         arrays = msg.content.array_records.get("arrays", ArrayRecord())
-        reply = client_round(config, dict(context.node_config), arrays, server_round)
+        conditions = Conditions.from_config(msg.content["config"])
+        reply = client_round(config, dict(context.node_config), arrays, server_round, conditions)
         crash_if_injected(config, dict(context.node_config))
         return _reply_message(msg, reply, server_round)
 

@@ -7,7 +7,6 @@ indexes the fleet) and a real board (`--node-config "device=raspberry_pi_5 parti
 from __future__ import annotations
 
 import io
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +14,16 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from fedpeft.devices import Device, comm_time_s, compute_time_s, default_fleet, energy_j, load_catalog, load_fleet
+from fedpeft.devices import Device, comm_time_s, compute_time_s, energy_j, load_catalog, with_overrides
 from fedpeft.errors import UsageError
 from fedpeft.fleet import setup
 from fedpeft.fleet.budget import Setting, choose_setting, step_cost
+from fedpeft.fleet.clock import client_timing, steps_within
 from fedpeft.fleet.config import RunConfig
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
-from fedpeft.train import train
+from fedpeft.train import train, usable_batches
 from strategies.aggregation import bn_keys, client_upload, lora_exact, lora_pairs
 from strategies.robust import scaled_update
 
@@ -48,7 +48,7 @@ def device_for(cfg: RunConfig, node_config: dict) -> tuple[int, Device]:
         if name not in catalog:
             raise UsageError(f"node config: unknown device {name!r}; allowed: {', '.join(sorted(catalog))}")
         return partition_id, catalog[name]
-    fleet = load_fleet(cfg.fleet) if cfg.fleet else default_fleet(cfg.num_clients, seed=cfg.seed)
+    fleet = setup.fleet_for(cfg)
     if not 0 <= partition_id < len(fleet):
         raise UsageError(f"node config: partition-id {partition_id} outside the fleet of {len(fleet)} clients")
     return partition_id, fleet[partition_id].device
@@ -70,29 +70,44 @@ def _memory_metrics(setting: Setting) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """This client-round's conditions on the virtual clock, as the server sent them
+    (strategies/virtual_clock.py): the training RAM the device lends now, the share of its FLOP/s,
+    the round's slowdown factor. Defaults: the catalog device at full speed (a real board)."""
+
+    ram_train_bytes: int | None = None
+    compute_fraction: float = 1.0
+    jitter: float = 1.0
+
+    @classmethod
+    def from_config(cls, config) -> "Conditions":
+        """From the train message's ConfigRecord (`sim-*` keys); values out of range are an error."""
+        ram = config.get("sim-ram-train-bytes")
+        fraction, jitter = float(config.get("sim-compute-fraction", 1.0)), float(config.get("sim-jitter", 1.0))
+        if ram is not None and int(ram) <= 0 or not 0 < fraction <= 1 or not jitter > 0:
+            raise UsageError(f"train config: sim-* conditions out of range: ram={ram}, compute_fraction={fraction}, "
+                             f"jitter={jitter}")
+        return cls(None if ram is None else int(ram), fraction, jitter)
+
+
 class RoundLog:
     """What a reply reports, filled in as the round goes: `metrics` (numbers) and `info` (strings)."""
 
-    def __init__(self, cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int):
+    def __init__(self, cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int,
+                 conditions: Conditions | None = None):
         self.start = time.perf_counter()
         # Threads: in the simulation Ray sets OMP_NUM_THREADS to the client's CPUs; a real board uses all its cores.
         self.client_id, self.device = device_for(cfg, node_config)
-        self.on_real_board = "device" in node_config
+        self.conditions = conditions or Conditions()
+        if self.conditions.ram_train_bytes is not None:  # REDS: the device lends less (or more) RAM this round
+            self.device = with_overrides(self.device, "sim-ram-train-bytes", ram_train_bytes=self.conditions.ram_train_bytes)
         self.bytes_down = record_bytes(arrays_in)
         self.info = {"device": self.device.name, "method": cfg.method, "status": "ok", "chosen": "", "adapted": False,
                      "upload_codec": cfg.upload_codec, "error": ""}
         self.metrics = {"client_id": self.client_id, "round": server_round, "bytes_down": self.bytes_down,
                         "bytes_up": 0, "ram_budget_bytes": int(self.device.ram_train_bytes), "examples": 0,
                         "steps": 0, "rank": 0, "batch_size": 0, "num-examples": 0}
-
-    def available(self, cfg: RunConfig, server_round: int) -> bool:
-        """Availability is simulated; a real board that answered is available."""
-        draw = random.Random(f"{cfg.seed}:{server_round}:{self.client_id}").random()
-        if self.on_real_board or draw < self.device.availability:
-            return True
-        self.info["status"] = "unavailable"
-        self.metrics["bytes_down"] = self.bytes_down = 0  # an unreachable device downloads nothing
-        return False
 
     def finish(self, arrays: ArrayRecord, flops: dict | None = None) -> ClientReply:
         """Close the round: FLOPs (totals for the round), simulated device time and energy, wall time."""
@@ -120,19 +135,37 @@ def crash_if_injected(cfg: RunConfig, node_config: dict) -> None:
         raise RuntimeError(f"injected failure: client {client_id} is in fail_clients")
 
 
-def client_round(cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
-    log = RoundLog(cfg, node_config, arrays_in, server_round)  # a bad node config raises here, before any work
+def client_round(cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int,
+                 conditions: Conditions | None = None) -> ClientReply:
+    """One training round. The server only asks clients it found reachable on the virtual clock;
+    `conditions` are this round's budget and speed there (None: the catalog device at full speed)."""
+    log = RoundLog(cfg, node_config, arrays_in, server_round, conditions)  # a bad node config raises here
     try:
         return _train_round(cfg, log, arrays_in, server_round)
     except Exception as exc:  # noqa: BLE001  (whatever broke this round is this client's, reported as failed)
         return log.failed(exc)
 
 
+def steps_for_deadline(cfg: RunConfig, log: RoundLog, setting: Setting, adapter, examples: int) -> tuple[int, int]:
+    """(steps planned, steps that fit the round's deadline) under straggler_policy=partial: the same
+    timing the server settles the round with (fedpeft.fleet.clock), from this round's conditions.
+    The upload's size is known before training: it depends on the tensors' shapes, not their values
+    (random stand-ins, as all-zero or identical tensors would be encoded smaller)."""
+    planned = cfg.local_epochs * usable_batches(examples, setting.batch_size, adapter.trains_bn_stats)
+    if setting.max_steps is not None:
+        planned = min(planned, setting.max_steps)
+    generator = torch.Generator().manual_seed(0)
+    upload = client_upload(cfg, adapter.delta(), adapter.model)
+    stand_in = {k: (torch.rand(v.shape, generator=generator) + 1).to(v.dtype) if v.is_floating_point()
+                else torch.randint(0, 2**30, v.shape, generator=generator).to(v.dtype) for k, v in upload.items()}
+    upload_bytes = record_bytes(encode(stand_in, cfg.upload_codec)[0])
+    timing = client_timing(log.device, setting.cost.total_flops, planned, log.bytes_down, upload_bytes,
+                           compute_fraction=log.conditions.compute_fraction, jitter=log.conditions.jitter)
+    return planned, steps_within(cfg.round_deadline_s, timing)
+
+
 def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
     info, metrics, client_id = log.info, log.metrics, log.client_id
-    if not log.available(cfg, server_round):
-        return log.finish(ArrayRecord())
-
     task = setup.task_for(cfg)
     setting = choose_setting(cfg, log.device, task.num_classes)
     info.update(method=setting.method, chosen=setting.describe(), adapted=setting.adapted)
@@ -161,8 +194,12 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
         _load_local_bn(cfg, adapter, client_id)
     poisoned = client_id in cfg.client_ids("poison_clients")
     start = client_upload(cfg, adapter.delta(), adapter.model) if poisoned else None
+    max_steps = setting.max_steps
+    if cfg.round_deadline_s > 0 and cfg.straggler_policy == "partial":
+        planned, max_steps = steps_for_deadline(cfg, log, setting, adapter, len(data.labels))
+        metrics["steps_planned"] = planned
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
-                   max_steps=setting.max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
+                   max_steps=max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
     delta = adapter.delta()
     if cfg.fedbn:
         _save_local_bn(cfg, adapter, delta, client_id)
@@ -175,6 +212,7 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
         examples = cfg.poison_examples or examples
     record, encoded = encode(delta, cfg.upload_codec)
     metrics.update(examples=examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
+                   flops_per_step=int(setting.cost.total_flops),
                    quant_error=float(encoded.max_abs_error), **{"num-examples": examples})
     return log.finish(record, {k: v * result.steps for k, v in setting.cost.flops.items()})
 
@@ -184,7 +222,9 @@ def identify(cfg: RunConfig, node_config: dict) -> ClientReply:
     The server samples by client id, so a seed picks the same clients in every run (simulated node
     ids are random), and a node that later fails or times out is logged with its client and device."""
     client_id, device = device_for(cfg, node_config)
-    return ClientReply(ArrayRecord(), {"client_id": client_id}, {"device": device.name, "phase": "identify"})
+    clock = "real" if "device" in node_config else "virtual"  # a real board lives on its own clock
+    return ClientReply(ArrayRecord(), {"client_id": client_id},
+                       {"device": device.name, "phase": "identify", "clock": clock})
 
 
 def calibration_round(cfg: RunConfig, node_config: dict) -> ClientReply:
@@ -196,8 +236,6 @@ def calibration_round(cfg: RunConfig, node_config: dict) -> ClientReply:
 
     log = RoundLog(cfg, node_config, ArrayRecord(), 0)
     try:
-        if not log.available(cfg, 0):
-            return log.finish(ArrayRecord())
         images = setup.client_data(cfg, log.client_id).images[: setup.CALIBRATION_EXAMPLES]
         method = make_method(cfg.method, **cfg.method_hparams())
         sums = calibration_sums(setup.pretrained_model(cfg), method, images)

@@ -27,7 +27,10 @@ from strategies.aggregation import aggregate, fedavg, lora_pairs, taskedge_avera
 from strategies.robust import coordinate_median, screen, trimmed_mean
 from strategies.validation import check_dtypes, check_examples, check_finite, check_metrics
 
-STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected")
+#: statuses a clients.jsonl line can have; a client itself reports only CLIENT_STATUSES, the rest are
+#: the server's (unavailable, straggler and dropped_out come from the virtual clock)
+STATUSES = ("ok", "over_budget", "unavailable", "failed", "rejected", "straggler", "dropped_out")
+CLIENT_STATUSES = ("ok", "over_budget", "failed")
 
 
 def expected_shapes(cfg: RunConfig, template: dict) -> dict:
@@ -60,21 +63,24 @@ def client_record(msg: Message) -> dict:
         "upload_codec": info["upload_codec"], "quant_error": float(m.get("quant_error", 0.0)),
         "wall_s": float(m["wall_s"]), "compute_s": float(m["compute_s"]), "comm_s": float(m["comm_s"]),
         "device_time_s": float(m["device_time_s"]), "energy_j": float(m["energy_j"]),
-        "error": info["error"] or None,
+        "error": info["error"] or None, "flops_per_step": int(m.get("flops_per_step", 0)),
     }
-    if rec["status"] not in STATUSES:
-        raise ValueError(f"unknown status {rec['status']!r}")
+    if "steps_planned" in m:
+        rec["steps_planned"] = int(m["steps_planned"])
+    if rec["status"] not in CLIENT_STATUSES:
+        raise ValueError(f"status: a client may report {', '.join(CLIENT_STATUSES)}, got {rec['status']!r}")
     return rec
 
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, cfg: RunConfig, log: RunLog, global_delta: dict, template: dict,
                  numels: dict[str, int] | None = None, examples_cap: Callable[[int], int | None] | None = None,
-                 **kwargs):
+                 clock=None, **kwargs):
         """`global_delta`: the adapter state sent in round 1; `template`: an upload of this method
         (`aggregation.client_upload`), whose keys, shapes and dtypes every reply must match; `numels`:
         TaskEdge's {"<layer>.weight": weight.numel()}, to range-check uploaded indices; `examples_cap`:
-        the most examples a client may claim (its partition size x local epochs)."""
+        the most examples a client may claim (its partition size x local epochs); `clock`: the virtual
+        clock (strategies/virtual_clock.FleetClock; None: none, every sampled client is asked)."""
         # fraction_evaluate stays at its default: configure_evaluate below sends nothing anyway, and 0.0 makes
         # Flower log a warning every run.
         super().__init__(min_available_nodes=cfg.per_round, min_train_nodes=cfg.per_round, **kwargs)
@@ -88,6 +94,9 @@ class AdapterFedAvg(FedAvg):
         self.round_stats: dict[int, dict] = {}
         self.known_nodes: dict[int, dict] = {}  # node id -> client id and device (the roll call, then replies)
         self.sent_bytes: dict[int, int] = {}  # node id -> bytes of what this round sent it
+        self.clock = clock
+        self.unavailable: list[dict] = []  # this round's sampled clients the clock found unreachable
+        self.clock_fields: dict = {}  # this round's sim_time_s and sim_clock_s, once settled
 
     def summary(self) -> None:  # Flower logs this at start; our run log has the config
         pass
@@ -100,7 +109,7 @@ class AdapterFedAvg(FedAvg):
         by_client = {info["client_id"]: n for n, info in self.known_nodes.items()
                      if n in nodes and info.get("client_id") is not None}
         keys = sorted(by_client) + [("node", n) for n in nodes if n not in by_client.values()]
-        k = min(self.cfg.per_round, len(keys))
+        k = min(self.cfg.sample_size, len(keys))
         picked = random.Random(self.cfg.seed * 7919 + server_round).sample(keys, k)
         return sorted(by_client[key] if key in by_client else key[1] for key in picked)
 
@@ -127,7 +136,11 @@ class AdapterFedAvg(FedAvg):
         try:
             require(known is None or known["client_id"] == rec["client_id"],
                     f"client_id: node {node_id} is client {known and known['client_id']}, the reply claims {rec['client_id']}")
-            rec["examples"] = check_examples(rec["examples"], self.examples_cap(rec["client_id"]))
+            cap = self.examples_cap(rec["client_id"])
+            rec["examples"] = check_examples(rec["examples"], cap)
+            for key in ("steps", "steps_planned"):  # a step takes at least one example: the clock's input is bounded
+                require(cap is None or rec.get(key, 0) <= cap,
+                        f"{key}: {rec.get(key)} steps cannot come from the client's {cap} examples")
         except UsageError as exc:
             rec.update(status="rejected", error=str(exc), **(known or {}))
         if known is None:
@@ -147,14 +160,37 @@ class AdapterFedAvg(FedAvg):
             taskedge_average([delta], [1.0], numels=self.numels)
         return delta
 
+    def reachable(self, nodes: list[int], server_round: int) -> dict[int, dict]:
+        """{node: its `sim-*` conditions} of the sampled nodes the virtual clock finds reachable; the
+        others get an `unavailable` line and no message (they download nothing, cost nothing)."""
+        self.unavailable = []
+        if self.clock is None:
+            return {n: {} for n in nodes}
+        self.clock.begin_round()
+        out = {}
+        for n in nodes:
+            client_id = self.known_nodes.get(n, {}).get("client_id")
+            cond = self.clock.conditions(client_id, server_round) if client_id is not None else None
+            if client_id is not None and cond is None:
+                self.unavailable.append({**self.unreported(n, server_round, "unavailable", None), "bytes_down": 0})
+            else:
+                out[n] = cond.to_config() if cond is not None else {}
+        return out
+
     def collect(self, server_round: int, replies: Iterable[Message], decode_payload: Callable[[ArrayRecord], dict],
-                wanted: Callable[[dict], bool] = lambda rec: True) -> list[tuple[dict, dict | None]]:
-        """(line, payload) of every reply; payload is None unless the reply is `ok`, `wanted` and its
-        payload decodes and validates (a bad one is marked `rejected` with the reason)."""
+                wanted: Callable[[dict], bool] = lambda rec: True, on_clock: bool = False) -> list[tuple[dict, dict | None]]:
+        """(line, payload) of every reply, then this round's `unavailable` lines; with `on_clock`, the
+        virtual clock settles the round first (stragglers and drop-outs are never decoded). payload is
+        None unless the line is `ok`, `wanted` and its payload decodes and validates (a bad one is
+        marked `rejected` with the reason)."""
+        replies = list(replies)
+        lines = [self.record(msg, server_round) for msg in replies] + self.unavailable
+        if on_clock and self.clock is not None:
+            self.clock_fields = self.clock.settle(lines)
         out = []
-        for msg in replies:
-            rec, payload = self.record(msg, server_round), None
-            if rec["status"] == "ok" and wanted(rec):
+        for rec, msg in zip(lines, replies + [None] * len(self.unavailable)):
+            payload = None
+            if msg is not None and rec["status"] == "ok" and wanted(rec):
                 try:
                     require("arrays" in msg.content.array_records, "reply has no arrays record")
                     payload = decode_payload(msg.content.array_records["arrays"])
@@ -175,13 +211,16 @@ class AdapterFedAvg(FedAvg):
             self.log.client(rec)
         self.round_stats[server_round] = {"clients_sampled": len(lines), **{f"clients_{s}": n for s, n in counts.items()},
                                           "bytes_up": sum(r["bytes_up"] for r in lines),
-                                          "bytes_down": sum(r["bytes_down"] for r in lines)}
+                                          "bytes_down": sum(r["bytes_down"] for r in lines),
+                                          **self.clock_fields}
+        self.clock_fields = {}
 
     # -- shared-mask TaskEdge: calibration before round 1 -----------------------------------------
     def calibration_messages(self, nodes: Iterable[int]) -> list[Message]:
+        """Round 0's query to the sampled clients that are reachable at the clock's start."""
         config = ConfigRecord({"server-round": 0, "phase": "calibrate"})
         return [Message(content=RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
-                for n in self.sample(nodes, 0)]
+                for n in self.reachable(self.sample(nodes, 0), 0)]
 
     def calibration_sums(self, replies: Iterable[Message], expected: dict[str, tuple],
                          missing: Iterable[int] = ()) -> dict | None:
@@ -198,16 +237,18 @@ class AdapterFedAvg(FedAvg):
     # -- training --------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
-        record = RecordDict({"arrays": arrays, "config": config})
-        nodes = self.sample(grid.get_node_ids(), server_round)
+        nodes = self.reachable(self.sample(grid.get_node_ids(), server_round), server_round)
         self.sent_bytes = dict.fromkeys(nodes, record_bytes(arrays))
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        return [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({**config, **conditions})}),
+                        message_type=MessageType.TRAIN, dst_node_id=n) for n, conditions in nodes.items()]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         missing: Iterable[int] = ()) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, screen and aggregate; whatever fails, the previous global adapter stays and the
         round's line says why."""
-        lines = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method)
+        self.clock_fields = {}
+        lines = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method,
+                             on_clock=True)
         live = []
         for rec, delta in lines:
             if delta is not None and rec["examples"] == 0:

@@ -105,7 +105,7 @@ def run_rounds(grid: Grid, strategy, first_round: int, arrays: ArrayRecord,
     (evaluation, logs, checkpoint). Returns the final global adapter record."""
     cfg = strategy.cfg
     for server_round in range(first_round, cfg.rounds + 1):
-        wait_for_nodes(grid, cfg.per_round, cfg.round_timeout_s)
+        wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
         messages = strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
         replies, missing = exchange(grid, messages, cfg.round_timeout_s, on_reply)
         new_arrays, _ = strategy.aggregate_train(server_round, replies, missing)

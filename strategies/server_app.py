@@ -22,8 +22,10 @@ from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import encode
 from fedpeft.train import evaluate
 from strategies.adapter_fedavg import AdapterFedAvg
+from fedpeft.fleet.budget import RANKED
 from strategies.aggregation import client_upload
 from strategies.run_loop import exchange, roll_call, run_rounds, wait_for_nodes
+from strategies.virtual_clock import FleetClock
 
 
 def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
@@ -67,6 +69,24 @@ def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_
     return client_upload(cfg, template_adapter.delta(), template_adapter.model)
 
 
+def server_flops_per_step(cfg: RunConfig):
+    """FLOPs of one step of the setting a clients.jsonl line says it ran, from the server's own
+    (cached) profile, for the virtual clock; None for a setting the budget walk would never choose
+    (a hostile or broken reply must not make the server profile whatever it claims)."""
+    from fedpeft.fleet.budget import candidates, step_cost
+
+    allowed = set(candidates(cfg))
+    num_classes = setup.task_for(cfg).num_classes
+
+    def per_step(rec: dict) -> float | None:
+        key = (rec.get("method"), rec.get("rank") if rec.get("method") in RANKED else None, rec.get("batch_size"))
+        if key not in allowed:
+            return None
+        return float(step_cost(cfg, key[0], key[1], key[2], num_classes).total_flops)
+
+    return per_step
+
+
 def _examples_cap(cfg: RunConfig):
     """The most examples a client may claim: the configured cap, else its partition size x local epochs."""
     sizes: dict[int, int] = {}
@@ -93,10 +113,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     template_adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
     template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
+    clock = FleetClock(cfg, setup.fleet_for(cfg), now_s=checkpoint.get("clock_s", 0.0) if checkpoint else 0.0,
+                       flops_per_step=server_flops_per_step(cfg))
     strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter),
-                             examples_cap=_examples_cap(cfg))
-    nodes = wait_for_nodes(grid, cfg.per_round, cfg.round_timeout_s)
+                             examples_cap=_examples_cap(cfg), clock=clock)
+    nodes = wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
     strategy.known_nodes = roll_call(grid, nodes, cfg.round_timeout_s)
+    clock.identify(strategy.known_nodes)
     done = checkpoint["round"] if checkpoint else -1
     bar = tqdm(total=cfg.rounds, initial=max(done, 0), desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
                disable=None, dynamic_ncols=True)
@@ -112,7 +135,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         log.round({"round": server_round, "accuracy": accuracy, "loss": loss,
                    "clients_sampled": stats.get("clients_sampled", 0),
                    **{k: stats.get(k, 0) for k in ("clients_ok", "clients_failed", "clients_over_budget",
-                                                    "clients_unavailable", "clients_rejected", "bytes_up", "bytes_down")},
+                                                    "clients_unavailable", "clients_rejected", "clients_straggler",
+                                                    "clients_dropped_out", "bytes_up", "bytes_down")},
+                   "sim_time_s": stats.get("sim_time_s", 0.0), "sim_clock_s": stats.get("sim_clock_s", clock.now_s),
                    **({"error": stats["error"]} if "error" in stats else {}),
                    "wall_s": round(now - last["t"], 3)})
         last.update(t=now, replies=0)
@@ -120,7 +145,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
             buffer = io.BytesIO()
             torch.save(global_delta, buffer)
             atomic_write_bytes(log.dir / "global_adapter.pt", buffer.getvalue())
-        log.save_checkpoint(server_round, global_delta)
+        log.save_checkpoint(server_round, global_delta, clock_s=clock.now_s)
         if server_round > 0:
             bar.update(1)
         bar.set_postfix(acc=f"{accuracy:.3f}", ok=stats.get("clients_ok", 0), up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")

@@ -101,3 +101,7 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["status_counts"]["ok"] > 0
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+    # README's demo line is this run's headline, figure for figure (the run is seeded end to end)
+    readme_line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                       if line.startswith("lora on mobilenet_v2: accuracy"))
+    assert readme_line in proc.stdout.splitlines(), (readme_line, proc.stdout[-1500:])

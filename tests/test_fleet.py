@@ -229,22 +229,6 @@ def test_fedbn_keeps_batchnorm_on_the_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_runs_each_method_and_writes_one_table(tmp_path, capsys):
-    from fedpeft.cli import main
-
-    out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "fft,lora", "--model", "mobilenet_v2_035", "--num-clients", "4", "--rounds", "1",
-            "--pretrain-epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path.parent / "fleet-cache")]
-    assert main(argv) == 0
-    rows = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in rows] == ["fft", "lora"]
-    fft, lora = rows
-    assert lora["bytes_up"] < fft["bytes_up"] / 3
-    assert math.isclose(lora["bytes_up_vs_fft"], lora["bytes_up"] / fft["bytes_up"])
-    assert (out / "compare.csv").read_text().count("\n") == 3 and (out / "compare.png").stat().st_size > 0
-    assert "lora" in capsys.readouterr().out
-
-
 def strategy_for(cfg, tmp_path):
     """The server's strategy as server_app builds it, without a Grid (aggregation only)."""
     from fedpeft.fleet import setup

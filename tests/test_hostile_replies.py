@@ -82,12 +82,17 @@ def hostile_cases(honest_msg: Message) -> dict[str, Message]:
         "examples 0": with_content(honest_msg, metrics=metrics_with(honest_msg, examples=0, **{"num-examples": 0})),
         "NaN loss": with_content(honest_msg, metrics=metrics_with(honest_msg, loss=float("nan"))),
         "inf energy": with_content(honest_msg, metrics=metrics_with(honest_msg, energy_j=float("inf"))),
+        # claims that would stall the virtual clock, or take a status only the server gives
+        "steps 1e12": with_content(honest_msg, metrics=metrics_with(honest_msg, steps=10**12, steps_planned=10**12)),
+        "status straggler": with_content(honest_msg, info=ConfigRecord({**dict(honest_msg.content["info"]),
+                                                                        "status": "straggler"})),
     }
     return cases
 
 
 @pytest.mark.parametrize("case", ["no arrays", "float64 1e300", "int64 under a float key", "bool under a float key",
-                                  "norm 1e6", "examples 1e15", "examples 0", "NaN loss", "inf energy"])
+                                  "norm 1e6", "examples 1e15", "examples 0", "NaN loss", "inf energy", "steps 1e12",
+                                  "status straggler"])
 def test_each_hostile_reply_is_rejected_or_weightless_and_the_round_goes_on(honest, tmp_path, case):
     cfg, replies = honest
     strategy = strategy_for(cfg, tmp_path)

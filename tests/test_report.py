@@ -137,7 +137,7 @@ def test_summary_totals_equal_hand_sums(run):
 
 def test_status_counts(run):
     s = report.summarize(run)
-    assert s["status_counts"] == {"ok": 4, "over_budget": 2, "unavailable": 1, "failed": 1, "rejected": 0}
+    assert s["status_counts"] == {"ok": 4, "over_budget": 2, "unavailable": 1, "failed": 1, "rejected": 0, "straggler": 0, "dropped_out": 0}
 
 
 def test_per_device_aggregates(run):
@@ -227,7 +227,9 @@ def test_run_table_lists_every_device_and_totals(run):
     for cell in ("120.0", "512", "6.00", "2.93 KiB", "36.0", "72.0"):
         assert cell in pi5, cell
     assert "needs 50.0" in next(line for line in lines if line.startswith("mcu"))
-    assert "0.1000 -> 0.4500" in lines[-1] and "uplink 3.91 KiB" in lines[-1]
+    assert "0.1000 -> 0.4500" in lines[-2] and "uplink 3.91 KiB" in lines[-2]
+    # these logs predate the virtual clock: no simulated time, but what reaching 95% of the best cost
+    assert lines[-1].startswith("simulated time -; reached 0.4750 at round 1: -,"), lines[-1]
 
 
 def test_formatting_helpers():
@@ -271,7 +273,8 @@ def test_compare_writes_outputs_and_fft_ratio(tmp_path):
 
     table = report.compare_table(rows)
     assert "up/fft" in table
-    lines = {line.split()[0]: line for line in table.splitlines()[2:]}
+    lines = {line.split()[0]: line for line in table.splitlines()[2:-1]}  # the last line is the note
+    assert table.splitlines()[-1].startswith("time s: ")
     assert set(lines) == {"fft", "lora", "bn_head"}
     assert "0.1x" in lines["lora"] and "0.025x" in lines["bn_head"] and " 1x" in lines["fft"]
 
@@ -289,7 +292,7 @@ def test_minimal_failed_and_rejected_records_from_the_server(tmp_path):
     extra = [{"round": 2, "client_id": None, "node_id": 7, "status": "failed", "error": "boom"},
              {"round": 2, "client_id": None, "node_id": 8, "status": "rejected", "error": "malformed reply"}]
     s = report.summarize(make_run(tmp_path / "r", clients=CLIENTS + extra))
-    assert s["status_counts"] == {"ok": 4, "over_budget": 2, "unavailable": 1, "failed": 2, "rejected": 1}
+    assert s["status_counts"] == {"ok": 4, "over_budget": 2, "unavailable": 1, "failed": 2, "rejected": 1, "straggler": 0, "dropped_out": 0}
     assert s["bytes_up"] == 4000 and s["energy_j"] == pytest.approx(102.2) and s["clients"] == 4
     unknown = s["devices"]["unknown"]
     assert (unknown["records"], unknown["failed"], unknown["rejected"], unknown["ram_budget_bytes"]) == (2, 1, 1, None)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import AGGREGATORS, BUDGET_POLICIES, CODECS, LORA_MODES, TASKEDGE_MASKS, RunConfig
+from fedpeft.fleet.config import (AGGREGATORS, BUDGET_POLICIES, CODECS, LORA_MODES, STRAGGLER_POLICIES,
+                                  TASKEDGE_MASKS, RunConfig)
 
 # CLI flag -> RunConfig field, for the options most runs change.
 FLAGS = {
@@ -18,6 +19,7 @@ FLAGS = {
     "partition": str, "pretrain_epochs": int, "seed": int, "out": str, "cache_dir": str, "input_size": int,
     "aggregator": str, "clip_norm": float, "clip_median_multiple": float, "reject_norm_multiple": float,
     "round_timeout_s": float, "poison_clients": str,
+    "trace": str, "round_deadline_s": float, "straggler_policy": str, "over_selection": float, "target_accuracy": float,
 }
 HELP = {
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
@@ -31,15 +33,25 @@ HELP = {
     "reject_norm_multiple": "reject updates over this multiple of the other clients' median norm (default 10; 0: off)",
     "round_timeout_s": "longest wait for nodes and replies in a round, seconds (default 600)",
     "poison_clients": "fault injection: these client ids upload poisoned updates (comma-separated)",
+    "trace": "availability/budget trace, CSV or JSON (fedpeft/fleet/traces.py); '' generates one, 'off': always on",
+    "round_deadline_s": "a round closes this many simulated seconds after it starts (0: no deadline)",
+    "straggler_policy": f"one of {', '.join(STRAGGLER_POLICIES)}: discard a client late for the deadline, or have it "
+                        "train only the steps that fit",
+    "over_selection": "sample (1 + this) x clients-per-round, keep the first clients-per-round to finish (0: off)",
+    "target_accuracy": "accuracy for the time/energy/bytes-to-accuracy answers (0: 95%% of the run's best)",
 }
 
 
 def add_run_options(parser, default_out: str = "runs/latest") -> None:
     parser.add_argument("--config", help="TOML file of run settings (flat keys, as in RunConfig)")
+    defaults = RunConfig.__dataclass_fields__
     for name, kind in FLAGS.items():
         flag = "--" + name.replace("_", "-")
+        default = default_out if name == "out" else defaults[name].default
+        shown = "''" if default == "" else default
+        text = HELP.get(name, name.replace("_", " "))
         parser.add_argument(flag, dest=name, type=positive_int if kind is int and name not in ("seed", "clients_per_round") else kind,
-                            help=HELP.get(name))
+                            help=text if "(default" in text else f"{text} (default {shown})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run setting")
     parser.add_argument("--overwrite", action="store_true", default=None,
                         help="replace the logs of a previous run in --out (default: refuse)")

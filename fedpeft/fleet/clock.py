@@ -127,14 +127,16 @@ class ClientPlan:
 
 
 def plan_from_record(rec: dict, device: Device, *, compute_fraction: float = 1.0, jitter: float = 1.0) -> ClientPlan:
-    """The plan of a clients.jsonl line (strategies.adapter_fedavg.client_record): FLOPs per step from
-    its round FLOPs over the steps it trained; steps: `steps_planned` where a client that cut its
-    steps for the deadline logs it (so settling marks it `partial`), else `steps`; bytes; status.
-    A line without steps or FLOPs (a client that died) plans no compute."""
+    """The plan of a clients.jsonl line (strategies.adapter_fedavg.client_record): FLOPs per step as
+    the client reports them (`flops_per_step`), else its round FLOPs over the steps it trained;
+    steps: `steps_planned` where a client that cut its steps for the deadline logs it (so settling
+    marks it `partial`), else `steps`; bytes; status. A line without steps or FLOPs (a client that
+    died) plans no compute."""
     trained = int(rec.get("steps") or 0)
     steps = int(rec.get("steps_planned") or trained)
     total_flops = float((rec.get("flops") or {}).get("total") or 0)
-    timing = client_timing(device, total_flops / trained if trained else 0.0, steps, rec.get("bytes_down") or 0,
+    per_step = float(rec.get("flops_per_step") or (total_flops / trained if trained else 0.0))
+    timing = client_timing(device, per_step, steps, rec.get("bytes_down") or 0,
                            rec.get("bytes_up") or 0, compute_fraction=compute_fraction, jitter=jitter)
     return ClientPlan(int(rec["client_id"]), device, timing, int(rec.get("bytes_down") or 0),
                       int(rec.get("bytes_up") or 0), str(rec.get("status") or "ok"))

@@ -3,6 +3,7 @@ config (`flwr run . --run-config "k=v ..."`, pyproject's [tool.flwr.app.config])
 Python object in the in-process simulation. Keys may use '-' or '_'."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -13,6 +14,7 @@ TASKEDGE_MASKS = ("local", "shared")
 BUDGET_POLICIES = ("adapt", "strict")
 CODECS = ("none", "fp16", "int8")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
+STRAGGLER_POLICIES = ("drop", "partial")
 
 
 @dataclass
@@ -50,8 +52,15 @@ class RunConfig:
     clip_median_multiple: float = 0.0  # clip each update to this multiple of the round's median norm; 0: off
     reject_norm_multiple: float = 10.0  # reject an update whose norm exceeds this multiple of the others' median; 0: off
     max_examples: int = 0  # cap on the examples a reply may claim; 0: the client's partition size x local_epochs
-    # time limits: a round waits at most this long for nodes to connect and for replies
+    # time limits: a round waits at most this long (real seconds) for nodes to connect and for replies
     round_timeout_s: float = 600.0
+    # the virtual clock (fedpeft/fleet/clock.py, strategies/virtual_clock.py): simulated seconds
+    trace: str = ""  # availability/budget trace file (CSV or JSON); "": generated from the fleet and seed; "off": always on
+    round_deadline_s: float = 0.0  # a round closes this many simulated seconds after it starts; 0: no deadline
+    straggler_policy: str = "drop"  # drop: a client late for the deadline is discarded; partial: it trains what fits
+    over_selection: float = 0.0  # sample (1 + this) x clients_per_round, keep the first clients_per_round to finish
+    clock_jitter: bool = True  # seeded lognormal slowdown per client-round (sigma by device kind)
+    target_accuracy: float = 0.0  # for time/energy/bytes to accuracy; 0: 95% of the best accuracy the run reached
     # data
     dataset: str = "digits"
     data_dir: str = ""
@@ -87,6 +96,7 @@ class RunConfig:
         choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
         choice("upload_codec", self.upload_codec, CODECS)
         choice("aggregator", self.aggregator, AGGREGATORS)
+        choice("straggler_policy", self.straggler_policy, STRAGGLER_POLICIES)
         choice("dataset", self.dataset, ("digits", "cifar10"))
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
@@ -102,6 +112,12 @@ class RunConfig:
         for name in ("clip_norm", "clip_median_multiple", "reject_norm_multiple", "max_examples", "poison_examples"):
             require(getattr(self, name) >= 0, f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
         require(self.round_timeout_s > 0, f"round_timeout_s: must be > 0 seconds, got {self.round_timeout_s}")
+        require(self.round_deadline_s >= 0, f"round_deadline_s: must be >= 0 seconds (0: none), got {self.round_deadline_s}")
+        require(self.over_selection >= 0, f"over_selection: must be >= 0 (0: off), got {self.over_selection}")
+        require(0 <= self.target_accuracy <= 1, f"target_accuracy: must be in [0, 1] (0: 95% of the best), "
+                                                f"got {self.target_accuracy}")
+        if self.trace and self.trace != "off":
+            require(Path(self.trace).is_file(), f"trace: no such file {self.trace!r} (or \"off\", or \"\" to generate one)")
         require(not (self.resume and self.overwrite), "resume, overwrite: choose one (resume continues a run, "
                                                       "overwrite replaces it)")
         if self.aggregator != "fedavg":
@@ -144,7 +160,13 @@ class RunConfig:
 
     @property
     def per_round(self) -> int:
+        """Clients whose updates a round aggregates (at most)."""
         return min(self.clients_per_round or self.num_clients, self.num_clients)
+
+    @property
+    def sample_size(self) -> int:
+        """Clients a round samples: per_round, plus the over-selection's extra ones."""
+        return min(math.ceil(self.per_round * (1 + self.over_selection) - 1e-9), self.num_clients)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -54,3 +54,10 @@ def client_data(cfg: RunConfig, partition_id: int) -> ImageDataset:
     indices = partition_for(target.labels, partition_id, cfg.num_clients, scheme=cfg.partition,
                             alpha=cfg.dirichlet_alpha, seed=cfg.seed)
     return target.subset(indices)
+
+
+def fleet_for(cfg: RunConfig) -> list:
+    """The fleet's clients (fedpeft.devices.ClientSpec): the fleet file's, else the default mix."""
+    from fedpeft.devices import default_fleet, load_fleet
+
+    return load_fleet(cfg.fleet) if cfg.fleet else default_fleet(cfg.num_clients, seed=cfg.seed)

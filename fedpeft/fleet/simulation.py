@@ -20,16 +20,21 @@ from fedpeft.devices import load_fleet
 from fedpeft.errors import require
 from fedpeft.fleet import setup
 from fedpeft.fleet.config import RunConfig
+from fedpeft.fleet.traces import load_trace
 from fedpeft.paths import cache_dir
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
-    """Absolute paths (Ray workers may run elsewhere) and the fleet's real size."""
+    """Absolute paths (Ray workers may run elsewhere), the fleet's real size, a checked trace file."""
     num_clients = len(load_fleet(cfg.fleet)) if cfg.fleet else cfg.num_clients
     require(cfg.clients_per_round <= num_clients,
             f"clients_per_round: {cfg.clients_per_round} is more than the fleet's {num_clients} clients")
-    return replace(cfg, out=str(Path(cfg.out).resolve()), cache_dir=str(cache_dir(cfg.cache_dir or None).resolve()),
-                   fleet=str(Path(cfg.fleet).resolve()) if cfg.fleet else "", num_clients=num_clients)
+    cfg = replace(cfg, out=str(Path(cfg.out).resolve()), cache_dir=str(cache_dir(cfg.cache_dir or None).resolve()),
+                  fleet=str(Path(cfg.fleet).resolve()) if cfg.fleet else "", num_clients=num_clients,
+                  trace=str(Path(cfg.trace).resolve()) if cfg.trace not in ("", "off") else cfg.trace)
+    if cfg.trace not in ("", "off"):
+        load_trace(cfg.trace, setup.fleet_for(cfg))  # a bad row is named now, not after Ray started
+    return cfg
 
 
 def backend_config(cpus: int | None = None) -> dict:
