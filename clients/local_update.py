@@ -20,6 +20,7 @@ from fedpeft.fleet import setup
 from fedpeft.fleet.budget import Setting, choose_setting, step_cost
 from fedpeft.fleet.clock import client_timing, steps_within
 from fedpeft.fleet.config import RunConfig
+from fedpeft.methods.galore_upload import LEFT, RIGHT, factored_upload
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
@@ -156,6 +157,12 @@ def steps_for_deadline(cfg: RunConfig, log: RoundLog, setting: Setting, adapter,
         planned = min(planned, setting.max_steps)
     generator = torch.Generator().manual_seed(0)
     upload = client_upload(cfg, adapter.delta(), adapter.model)
+    if cfg.factored_galore and setting.method == "galore":  # factors of rank r, whatever their values
+        params, rank = dict(adapter.model.named_parameters()), adapter.method.rank
+        for name in adapter.projected():
+            shape = params[name].shape
+            del upload[name]
+            upload[name + LEFT], upload[name + RIGHT] = torch.zeros(shape[0], rank), torch.zeros(rank, shape[1:].numel())
     stand_in = {k: (torch.rand(v.shape, generator=generator) + 1).to(v.dtype) if v.is_floating_point()
                 else torch.randint(0, 2**30, v.shape, generator=generator).to(v.dtype) for k, v in upload.items()}
     upload_bytes = record_bytes(encode(stand_in, cfg.upload_codec)[0])
@@ -180,6 +187,7 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     shared_mask = cfg.shares_mask and setting.method == cfg.method
     calibration = None if shared_mask else data.images[: setup.CALIBRATION_EXAMPLES]  # shared: the server's mask
     adapter = setup.attach(cfg, setting.method, setting.rank, calibration)
+    global_delta: dict = {}
     if setting.method == cfg.method and len(arrays_in) > 0:
         global_delta = decode(arrays_in)
         if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":  # the only mode with mixed ranks
@@ -210,6 +218,9 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     if poisoned:  # fault injection: the update scaled (sign-flipped by default), the example count inflated
         delta = scaled_update(delta, start, cfg.poison_scale)
         examples = cfg.poison_examples or examples
+    if cfg.factored_galore and setting.method == "galore":  # the round's update as low-rank factors
+        delta, metrics["galore_dense_weights"] = factored_upload(delta, global_delta, adapter.bases(),
+                                                                       dict(adapter.model.named_parameters()))
     record, encoded = encode(delta, cfg.upload_codec)
     metrics.update(examples=examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
                    flops_per_step=int(setting.cost.total_flops),

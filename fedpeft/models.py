@@ -155,3 +155,22 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return {k: v.clone() for k, v in state.items()}
+
+
+@torch.no_grad()
+def with_batch_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> nn.Module:
+    """`model` with BatchNorm running statistics set to `images`' (a cumulative average). A random-
+    init network with its default statistics (mean 0, var 1) scales activations down layer by layer
+    (logits ~1e-9 on mobilenet_v2), so its gradients vanish; benchmarks and tests that train
+    without a pre-trained checkpoint set real statistics first. Returns the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(images[start:start + batch_size])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()

@@ -23,6 +23,7 @@ from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.runlog import RunLog
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
+from fedpeft.methods.galore_upload import expand_upload
 from strategies.aggregation import aggregate, fedavg, lora_pairs, taskedge_average
 from strategies.robust import coordinate_median, screen, trimmed_mean
 from strategies.validation import check_dtypes, check_examples, check_finite, check_metrics
@@ -65,8 +66,9 @@ def client_record(msg: Message) -> dict:
         "device_time_s": float(m["device_time_s"]), "energy_j": float(m["energy_j"]),
         "error": info["error"] or None, "flops_per_step": int(m.get("flops_per_step", 0)),
     }
-    if "steps_planned" in m:
-        rec["steps_planned"] = int(m["steps_planned"])
+    for key in ("steps_planned", "galore_dense_weights"):  # present only where they apply
+        if key in m:
+            rec[key] = int(m[key])
     if rec["status"] not in CLIENT_STATUSES:
         raise ValueError(f"status: a client may report {', '.join(CLIENT_STATUSES)}, got {rec['status']!r}")
     return rec
@@ -154,7 +156,10 @@ class AdapterFedAvg(FedAvg):
     def decode_delta(self, payload: ArrayRecord) -> dict:
         """A client's upload, validated: keys, shapes and dtypes, and what decoding cannot see, TaskEdge
         entries (lengths, duplicate or out-of-range indices). Raises UsageError."""
-        delta = decode(payload, expected=self.expected)
+        if self.cfg.factored_galore:  # factors stand in for some weights: the expected keys vary
+            delta = expand_upload(decode(payload), self.global_delta, self.expected)
+        else:
+            delta = decode(payload, expected=self.expected)
         check_dtypes(delta, self.template)
         if self.cfg.method == "taskedge" and not self.cfg.shares_mask:
             taskedge_average([delta], [1.0], numels=self.numels)

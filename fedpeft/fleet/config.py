@@ -13,6 +13,7 @@ LORA_MODES = ("fedit", "ffa", "exact")
 TASKEDGE_MASKS = ("local", "shared")
 BUDGET_POLICIES = ("adapt", "strict")
 CODECS = ("none", "fp16", "int8")
+GALORE_UPLOADS = ("factored", "dense")
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 STRAGGLER_POLICIES = ("drop", "partial")
 
@@ -44,6 +45,7 @@ class RunConfig:
     budget_policy: str = "adapt"
     max_flops_per_round: float = 0.0  # per client; 0: no FLOP budget
     upload_codec: str = "none"
+    galore_upload: str = "factored"  # GaLore: each projected weight's round update as its two low-rank factors
     fleet: str = ""  # fleet TOML; "": a mixed default fleet of num_clients devices
     # robustness (strategies/robust.py): how updates are combined, and which are screened out first
     aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, unweighted)
@@ -95,6 +97,7 @@ class RunConfig:
         choice("taskedge_mask", self.taskedge_mask, TASKEDGE_MASKS)
         choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
         choice("upload_codec", self.upload_codec, CODECS)
+        choice("galore_upload", self.galore_upload, GALORE_UPLOADS)
         choice("aggregator", self.aggregator, AGGREGATORS)
         choice("straggler_policy", self.straggler_policy, STRAGGLER_POLICIES)
         choice("dataset", self.dataset, ("digits", "cifar10"))
@@ -157,6 +160,11 @@ class RunConfig:
         local_mask = self.method == "taskedge" and not self.shares_mask
         mixed_ranks = self.method in ("lora", "dora") and self.lora_mode == "exact"
         return not (local_mask or mixed_ranks)
+
+    @property
+    def factored_galore(self) -> bool:
+        """GaLore clients upload low-rank factors of their round update (fedpeft/methods/galore_upload.py)."""
+        return self.method == "galore" and self.galore_upload == "factored"
 
     @property
     def per_round(self) -> int:

@@ -58,11 +58,17 @@ class GaLoreAdapter(Adapter):
             [{"params": rest}, {"params": list(projected.values()), **group}],
             lr=lr, weight_decay=weight_decay, no_deprecation_warning=True,
         )
-        for p in projected.values():
-            optimizer.state[p]["projector"] = ConvGaLoreProjector(
+        self.projectors = {}
+        for name, p in projected.items():
+            optimizer.state[p]["projector"] = self.projectors[name] = ConvGaLoreProjector(
                 m.rank, update_proj_gap=m.update_proj_gap, scale=m.scale, proj_type=m.proj_type
             )
         return optimizer
+
+    def bases(self) -> dict[str, torch.Tensor]:
+        """Each projected weight's current projector basis (m x r or r x n, of its 2-D view), for
+        the low-rank upload (fedpeft/methods/galore_upload.py); empty before the first step."""
+        return {n: pr.ortho_matrix for n, pr in getattr(self, "projectors", {}).items() if pr.ortho_matrix is not None}
 
     def delta(self) -> Delta:
         return {n: (p.detach() - self.initial[n]) for n, p in self.model.named_parameters()}
