@@ -55,6 +55,18 @@ def device_for(cfg: RunConfig, node_config: dict) -> tuple[int, Device]:
     return partition_id, fleet[partition_id].device
 
 
+def requested_method(cfg: RunConfig, node_config: dict, client_id: int) -> tuple[str, int | None]:
+    """(method, rank) this client asks for: the node config's `method`/`rank` (a real board), else
+    its fleet entry's, else the run's (rank None: the run's)."""
+    if "method" in node_config:
+        return str(node_config["method"]), int(node_config["rank"]) if "rank" in node_config else None
+    if "device" not in node_config:
+        spec = setup.fleet_for(cfg)[client_id]
+        if spec.method is not None:
+            return spec.method, spec.rank
+    return cfg.method, None
+
+
 def _refactor_lora(cfg: RunConfig, global_delta: dict, rank: int) -> dict:
     """A client with another rank than the global adapter gets its own rank by truncated SVD."""
     pairs = lora_pairs(global_delta)
@@ -73,23 +85,26 @@ def _memory_metrics(setting: Setting) -> dict:
 
 @dataclass(frozen=True)
 class Conditions:
-    """This client-round's conditions on the virtual clock, as the server sent them
-    (strategies/virtual_clock.py): the training RAM the device lends now, the share of its FLOP/s,
-    the round's slowdown factor. Defaults: the catalog device at full speed (a real board)."""
+    """This client-round's orders from the server: its conditions on the virtual clock
+    (strategies/virtual_clock.py: the training RAM the device lends now, the share of its FLOP/s,
+    the round's slowdown factor; defaults: the catalog device at full speed, as on a real board),
+    and in a mixed-method run the (method, rank) whose form the payload is in (strategies/mixed.py)."""
 
     ram_train_bytes: int | None = None
     compute_fraction: float = 1.0
     jitter: float = 1.0
+    form: tuple[str, int] | None = None
 
     @classmethod
     def from_config(cls, config) -> "Conditions":
-        """From the train message's ConfigRecord (`sim-*` keys); values out of range are an error."""
+        """From the train message's ConfigRecord (`sim-*` and `form-*` keys); values out of range are an error."""
         ram = config.get("sim-ram-train-bytes")
         fraction, jitter = float(config.get("sim-compute-fraction", 1.0)), float(config.get("sim-jitter", 1.0))
         if ram is not None and int(ram) <= 0 or not 0 < fraction <= 1 or not jitter > 0:
             raise UsageError(f"train config: sim-* conditions out of range: ram={ram}, compute_fraction={fraction}, "
                              f"jitter={jitter}")
-        return cls(None if ram is None else int(ram), fraction, jitter)
+        form = (str(config["form-method"]), int(config.get("form-rank", 0))) if "form-method" in config else None
+        return cls(None if ram is None else int(ram), fraction, jitter, form)
 
 
 class RoundLog:
@@ -100,6 +115,7 @@ class RoundLog:
         self.start = time.perf_counter()
         # Threads: in the simulation Ray sets OMP_NUM_THREADS to the client's CPUs; a real board uses all its cores.
         self.client_id, self.device = device_for(cfg, node_config)
+        self.requested = requested_method(cfg, node_config, self.client_id)
         self.conditions = conditions or Conditions()
         if self.conditions.ram_train_bytes is not None:  # REDS: the device lends less (or more) RAM this round
             self.device = with_overrides(self.device, "sim-ram-train-bytes", ram_train_bytes=self.conditions.ram_train_bytes)
@@ -174,7 +190,7 @@ def steps_for_deadline(cfg: RunConfig, log: RoundLog, setting: Setting, adapter,
 def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
     info, metrics, client_id = log.info, log.metrics, log.client_id
     task = setup.task_for(cfg)
-    setting = choose_setting(cfg, log.device, task.num_classes)
+    setting = choose_setting(cfg, log.device, task.num_classes, *log.requested)
     info.update(method=setting.method, chosen=setting.describe(), adapted=setting.adapted)
     if setting.adapted:
         info["chosen"] += f" (adapted from {cfg.method}{f' r={cfg.rank}' if cfg.rank else ''} batch={cfg.batch_size})"
@@ -188,7 +204,13 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     calibration = None if shared_mask else data.images[: setup.CALIBRATION_EXAMPLES]  # shared: the server's mask
     adapter = setup.attach(cfg, setting.method, setting.rank, calibration)
     global_delta: dict = {}
-    if setting.method == cfg.method and len(arrays_in) > 0:
+    form = log.conditions.form
+    if form is not None:  # a mixed run: the server sent the form of the setting it expects this client to pick
+        info["start"] = "global" if form == (setting.method, setting.rank or 0) and len(arrays_in) > 0 else "fresh"
+        if info["start"] == "global":
+            global_delta = decode(arrays_in)
+            adapter.load_delta(global_delta)
+    elif setting.method == cfg.method and len(arrays_in) > 0:
         global_delta = decode(arrays_in)
         if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":  # the only mode with mixed ranks
             global_delta = _refactor_lora(cfg, global_delta, setting.rank)

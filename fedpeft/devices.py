@@ -14,6 +14,8 @@ A fleet file says which devices take part, either group by group or client by cl
     device = "raspberry_pi_4_4gb"
     count = 3
     availability = 0.8                 # optional per-client overrides of any device field
+    method = "lora"                    # optional: the method these clients request ("auto": the
+    rank = 8                           #   first of method_order that fits), and its rank
 
     [[client]]                         # one client
     device = "my_board"
@@ -92,9 +94,12 @@ class ClientSpec:
     client_id: int
     device: Device
     overrides: dict[str, Any] = field(default_factory=dict)
+    method: str | None = None  # the fine-tuning method this client requests (None: the run's); "auto"
+    rank: int | None = None  # its rank (None: the run's)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"client_id": self.client_id, "device": self.device.to_dict(), "overrides": dict(self.overrides)}
+        return {"client_id": self.client_id, "device": self.device.to_dict(), "overrides": dict(self.overrides),
+                "method": self.method, "rank": self.rank}
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -257,9 +262,15 @@ def load_fleet(source: str | Path | Mapping[str, Any], catalog: Mapping[str, Dev
             else:
                 require("count" not in entry, f"{where}.count: not allowed in [[client]]; use [[group]] for counts")
                 count = 1
+            method, rank = entry.get("method"), entry.get("rank")
+            require(method is None or isinstance(method, str), f"{where}.method: must be a method name or \"auto\", got {method!r}")
+            require(rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0),
+                    f"{where}.rank: must be an integer > 0, got {rank!r}")
+            entry = {k: v for k, v in entry.items() if k not in ("method", "rank")}
             device, overrides = _apply_overrides(catalog[name], entry, where)
             for _ in range(count):
-                specs.append(ClientSpec(client_id=len(specs), device=device, overrides=dict(overrides)))
+                specs.append(ClientSpec(client_id=len(specs), device=device, overrides=dict(overrides),
+                                        method=method, rank=rank))
     require(len(specs) > 0, "fleet: no clients; add [[group]] or [[client]] entries")
     return specs
 

@@ -19,12 +19,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import RunConfig
+from fedpeft.fleet.config import WEIGHT_SPACE_METHODS, RunConfig
 from fedpeft.fleet.runlog import RunLog
 from fedpeft.payload import decode, encode, record_bytes
 from fedpeft.profiling.memory import CATEGORIES
 from fedpeft.methods.galore_upload import expand_upload
 from strategies.aggregation import aggregate, fedavg, lora_pairs, taskedge_average
+from strategies.mixed import MixedFleet
 from strategies.robust import coordinate_median, screen, trimmed_mean
 from strategies.validation import check_dtypes, check_examples, check_finite, check_metrics
 
@@ -69,6 +70,8 @@ def client_record(msg: Message) -> dict:
     for key in ("steps_planned", "galore_dense_weights"):  # present only where they apply
         if key in m:
             rec[key] = int(m[key])
+    if "start" in info:  # a mixed run: did the client start from the form the server sent?
+        rec["start"] = str(info["start"])
     if rec["status"] not in CLIENT_STATUSES:
         raise ValueError(f"status: a client may report {', '.join(CLIENT_STATUSES)}, got {rec['status']!r}")
     return rec
@@ -99,6 +102,10 @@ class AdapterFedAvg(FedAvg):
         self.clock = clock
         self.unavailable: list[dict] = []  # this round's sampled clients the clock found unreachable
         self.clock_fields: dict = {}  # this round's sim_time_s and sim_clock_s, once settled
+        # mixed-method runs (strategies/mixed.py): the weight-space state once clients mix methods, and
+        # predict(client id, conditions) -> the (method, rank) a client will pick (None: never mixes)
+        self.mixed: MixedFleet | None = None
+        self.predict: Callable[[int, dict], tuple[str, int]] | None = None
 
     def summary(self) -> None:  # Flower logs this at start; our run log has the config
         pass
@@ -153,10 +160,13 @@ class AdapterFedAvg(FedAvg):
         rec["bytes_down"] = min(rec["bytes_down"], self.sent_bytes.get(node_id, rec["bytes_down"]))
         return rec
 
-    def decode_delta(self, payload: ArrayRecord) -> dict:
+    def decode_delta(self, payload: ArrayRecord, rec: dict | None = None) -> dict:
         """A client's upload, validated: keys, shapes and dtypes, and what decoding cannot see, TaskEdge
-        entries (lengths, duplicate or out-of-range indices). Raises UsageError."""
-        if self.cfg.factored_galore:  # factors stand in for some weights: the expected keys vary
+        entries (lengths, duplicate or out-of-range indices); in a mixed run, against the method the
+        reply `rec` names, as its dense change. Raises UsageError."""
+        if self.mixed is not None:
+            return self.mixed.decode(payload, rec or {})
+        if self.cfg.factored_galore and self.cfg.method == "galore":  # factors stand in for some weights
             delta = expand_upload(decode(payload), self.global_delta, self.expected)
         else:
             delta = decode(payload, expected=self.expected)
@@ -198,7 +208,7 @@ class AdapterFedAvg(FedAvg):
             if msg is not None and rec["status"] == "ok" and wanted(rec):
                 try:
                     require("arrays" in msg.content.array_records, "reply has no arrays record")
-                    payload = decode_payload(msg.content.array_records["arrays"])
+                    payload = decode_payload(msg.content.array_records["arrays"], rec)
                 except UsageError as exc:
                     rec.update(status="rejected", error=f"payload: {exc}")
             rec["aggregated"] = False
@@ -231,7 +241,7 @@ class AdapterFedAvg(FedAvg):
                          missing: Iterable[int] = ()) -> dict | None:
         """Sum this round-0 sample's activation statistics (None if nobody answered)."""
         sums: dict | None = None
-        lines = self.collect(0, replies, lambda payload: decode(payload, expected=expected))
+        lines = self.collect(0, replies, lambda payload, _rec: decode(payload, expected=expected))
         for rec, part in lines:
             if part is not None:
                 sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
@@ -243,17 +253,38 @@ class AdapterFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         nodes = self.reachable(self.sample(grid.get_node_ids(), server_round), server_round)
-        self.sent_bytes = dict.fromkeys(nodes, record_bytes(arrays))
-        return [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({**config, **conditions})}),
+        payloads = {n: (arrays, {}) for n in nodes}
+        forms = self.predicted_forms(nodes)
+        if self.mixed is not None:  # each client gets the fleet's state in the form of the setting it will pick
+            self.mixed.begin_round()
+            payloads = {n: (self.mixed.form(forms[n])[1], {"form-method": forms[n][0], "form-rank": forms[n][1]})
+                        for n in nodes}
+        self.sent_bytes = {n: record_bytes(record) for n, (record, _) in payloads.items()}
+        return [Message(content=RecordDict({"arrays": payloads[n][0],
+                                            "config": ConfigRecord({**config, **conditions, **payloads[n][1]})}),
                         message_type=MessageType.TRAIN, dst_node_id=n) for n, conditions in nodes.items()]
+
+    def predicted_forms(self, nodes: dict[int, dict]) -> dict[int, tuple[str, int]]:
+        """Each node's predicted (method, rank); the first time one differs from the run's method,
+        the run turns mixed: its global adapter becomes the weight-space state."""
+        if self.predict is None:
+            return {}
+        ids = {n: self.known_nodes.get(n, {}).get("client_id") for n in nodes}
+        forms = {n: self.predict(cid, nodes[n]) if cid is not None else (self.cfg.method, self.cfg.rank)
+                 for n, cid in ids.items()}
+        if self.mixed is None and any(method != self.cfg.method for method, _ in forms.values()):
+            self.mixed = MixedFleet.from_global(self.cfg, self.global_delta)
+            self.global_delta = self.mixed.dense
+        return forms
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         missing: Iterable[int] = ()) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, screen and aggregate; whatever fails, the previous global adapter stays and the
         round's line says why."""
         self.clock_fields = {}
-        lines = self.collect(server_round, replies, self.decode_delta, wanted=lambda rec: rec["method"] == self.cfg.method,
-                             on_clock=True)
+        mixed = self.mixed is not None
+        lines = self.collect(server_round, replies, self.decode_delta, on_clock=True,
+                             wanted=lambda rec: rec["method"] in WEIGHT_SPACE_METHODS if mixed else rec["method"] == self.cfg.method)
         live = []
         for rec, delta in lines:
             if delta is not None and rec["examples"] == 0:
@@ -262,21 +293,24 @@ class AdapterFedAvg(FedAvg):
                 live.append((rec, delta))
         new_global, record, error = None, None, None
         try:
-            uploads, rejected, norms = screen([d for _, d in live], self.global_delta,
-                                              reject_multiple=self.cfg.reject_norm_multiple, clip_norm=self.cfg.clip_norm,
-                                              clip_median_multiple=self.cfg.clip_median_multiple)
+            uploads, rejected, norms = self._screen(live)
             for i, (rec, _) in enumerate(live):
                 rec["update_norm"] = norms[i]
                 if i in rejected:
                     rec.update(status="rejected", error=rejected[i])
             kept = [rec for i, (rec, _) in enumerate(live) if i not in rejected]
-            if uploads:
+            if uploads and mixed:  # weight space: each tensor over the clients that changed it
+                new_global = self.mixed.aggregate(uploads, [rec["examples"] for rec in kept])
+                check_finite(new_global)
+                self.mixed.commit(new_global)
+                record = ArrayRecord()  # the next round sends each client its own form
+            elif uploads:
                 new_global = self._aggregate(uploads, [rec["examples"] for rec in kept])
                 check_finite(new_global)
                 check_dtypes({k: v for k, v in new_global.items() if k in self.template}, self.template)
                 record, _ = encode(new_global)
-                for rec in kept:
-                    rec["aggregated"] = True
+            for rec in kept if uploads else []:
+                rec["aggregated"] = True
         except Exception as exc:  # noqa: BLE001  (never fatal: keep the previous global state)
             new_global, record = None, None
             error = f"aggregation failed, global adapter unchanged: {type(exc).__name__}: {exc}"[:500]
@@ -288,6 +322,27 @@ class AdapterFedAvg(FedAvg):
             return None, None
         self.global_delta = new_global
         return record, MetricRecord({"clients-aggregated": sum(rec["aggregated"] for rec, _ in lines)})
+
+    def _screen(self, live: list[tuple[dict, dict]]) -> tuple[list[dict], dict[int, str], list[float]]:
+        """Norm screening (strategies/robust.screen). In a mixed run each method's updates are
+        screened among themselves: a BN+H update (BatchNorm statistics) and a LoRA one are not
+        comparable in size."""
+        groups: dict[str, list[int]] = {}
+        for i, (rec, _) in enumerate(live):
+            groups.setdefault(rec["method"] if self.mixed is not None else "", []).append(i)
+        screened, rejected, norms = [None] * len(live), {}, [0.0] * len(live)
+        for members in groups.values():
+            kept, out, group_norms = screen([live[i][1] for i in members], self.global_delta,
+                                            reject_multiple=self.cfg.reject_norm_multiple, clip_norm=self.cfg.clip_norm,
+                                            clip_median_multiple=self.cfg.clip_median_multiple)
+            survivors = iter(kept)
+            for j, i in enumerate(members):
+                norms[i] = group_norms[j]
+                if j in out:
+                    rejected[i] = out[j]
+                else:
+                    screened[i] = next(survivors)
+        return [u for u in screened if u is not None], rejected, norms
 
     def _aggregate(self, deltas: list[dict], weights: list[float]) -> dict:
         cfg = self.cfg

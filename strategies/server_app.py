@@ -22,15 +22,19 @@ from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import encode
 from fedpeft.train import evaluate
 from strategies.adapter_fedavg import AdapterFedAvg
-from fedpeft.fleet.budget import RANKED
+from fedpeft.devices import with_overrides
+from fedpeft.fleet.budget import RANKED, choose_setting
+from fedpeft.fleet.config import AUTO
 from strategies.aggregation import client_upload
 from strategies.run_loop import exchange, roll_call, run_rounds, wait_for_nodes
+from strategies.mixed import MixedFleet
 from strategies.virtual_clock import FleetClock
 
 
-def evaluate_global(cfg: RunConfig, global_delta: dict) -> tuple[float, float]:
-    """Accuracy and loss of the pre-trained model carrying the global adapter, on the target test set."""
-    adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
+def evaluate_global(cfg: RunConfig, global_delta: dict, method: str | None = None) -> tuple[float, float]:
+    """Accuracy and loss of the pre-trained model carrying the global adapter (of `method`, default
+    the run's), on the target test set."""
+    adapter = setup.attach(cfg, method or cfg.method, cfg.rank, calibration=None)
     if cfg.fedbn:  # BatchNorm is the devices' own: the server's copy keeps the pre-trained BN
         global_delta = {**adapter.delta(), **global_delta}
     if global_delta:
@@ -58,8 +62,8 @@ def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_
     """What round 1 sends down: the method's initial adapter (the base model is already on every
     device). Local-mask TaskEdge clients pick their own masks, so nothing; a shared mask is built
     from the fleet's calibration statistics (|W| alone if no client answered)."""
-    if cfg.method == "taskedge" and not cfg.shares_mask:
-        return {}
+    if cfg.method == AUTO or (cfg.method == "taskedge" and not cfg.shares_mask):
+        return {}  # auto: the weight-space state starts empty (no change); local TaskEdge: each client's mask
     if cfg.shares_mask:
         replies, missing = exchange(grid, strategy.calibration_messages(nodes), cfg.round_timeout_s)
         sums = strategy.calibration_sums(replies, _calibration_shapes(cfg), missing)
@@ -69,13 +73,37 @@ def initial_state(grid: Grid, cfg: RunConfig, strategy: AdapterFedAvg, template_
     return client_upload(cfg, template_adapter.delta(), template_adapter.model)
 
 
+def form_predictor(cfg: RunConfig, clock: FleetClock):
+    """predict(client id, conditions) -> the (method, rank) the client will pick this round: the
+    client's own budget walk (its requested method, its device under this round's RAM), run on
+    the server; None for a run whose clients cannot mix methods."""
+    fleet = setup.fleet_for(cfg)
+    can_mix = cfg.budget_policy == "adapt" or cfg.method == AUTO or any(s.method for s in fleet)
+    if not (cfg.mixes_methods and can_mix):
+        return None
+    num_classes = setup.task_for(cfg).num_classes
+
+    def predict(client_id: int, conditions: dict) -> tuple[str, int]:
+        device = clock.devices.get(client_id)
+        if device is None:
+            return cfg.method, cfg.rank
+        if "sim-ram-train-bytes" in conditions:
+            device = with_overrides(device, "sim-ram-train-bytes", ram_train_bytes=conditions["sim-ram-train-bytes"])
+        spec = fleet[client_id] if 0 <= client_id < len(fleet) else None
+        requested = (spec.method, spec.rank) if spec is not None and spec.method else (cfg.method, None)
+        setting = choose_setting(cfg, device, num_classes, *requested)
+        return setting.method, setting.rank or 0
+
+    return predict
+
+
 def server_flops_per_step(cfg: RunConfig):
     """FLOPs of one step of the setting a clients.jsonl line says it ran, from the server's own
     (cached) profile, for the virtual clock; None for a setting the budget walk would never choose
     (a hostile or broken reply must not make the server profile whatever it claims)."""
-    from fedpeft.fleet.budget import candidates, step_cost
+    from fedpeft.fleet.budget import all_candidates, step_cost
 
-    allowed = set(candidates(cfg))
+    allowed = all_candidates(cfg, {(s.method, s.rank) for s in setup.fleet_for(cfg) if s.method})
     num_classes = setup.task_for(cfg).num_classes
 
     def per_step(rec: dict) -> float | None:
@@ -111,7 +139,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         checkpoint = load_checkpoint(cfg.out)
     log = RunLog(cfg.out, cfg.to_dict(), keep_lines=checkpoint["lines"] if checkpoint else None)
     setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
-    template_adapter = setup.attach(cfg, cfg.method, cfg.rank, calibration=None)
+    home = "fft" if cfg.method == AUTO else cfg.method  # auto: the weight-space state's own form
+    template_adapter = setup.attach(cfg, home, cfg.rank, calibration=None)
     template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
     clock = FleetClock(cfg, setup.fleet_for(cfg), now_s=checkpoint.get("clock_s", 0.0) if checkpoint else 0.0,
                        flops_per_step=server_flops_per_step(cfg))
@@ -120,6 +149,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     nodes = wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
     strategy.known_nodes = roll_call(grid, nodes, cfg.round_timeout_s)
     clock.identify(strategy.known_nodes)
+    strategy.predict = form_predictor(cfg, clock)
     done = checkpoint["round"] if checkpoint else -1
     bar = tqdm(total=cfg.rounds, initial=max(done, 0), desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
                disable=None, dynamic_ncols=True)
@@ -129,7 +159,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         """Evaluate, log the round, save the global adapter and the checkpoint (in that order: a
         checkpoint only ever covers lines already written)."""
         global_delta = strategy.global_delta
-        accuracy, loss = evaluate_global(cfg, global_delta)
+        if strategy.mixed is not None:  # the fleet's model: pre-trained + the weight-space state
+            accuracy, loss = evaluate_global(cfg, strategy.mixed.evaluation_delta(), "fft")
+        else:
+            accuracy, loss = evaluate_global(cfg, global_delta)
         stats = strategy.round_stats.get(server_round, {})
         now = time.perf_counter()
         log.round({"round": server_round, "accuracy": accuracy, "loss": loss,
@@ -145,7 +178,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
             buffer = io.BytesIO()
             torch.save(global_delta, buffer)
             atomic_write_bytes(log.dir / "global_adapter.pt", buffer.getvalue())
-        log.save_checkpoint(server_round, global_delta, clock_s=clock.now_s)
+        log.save_checkpoint(server_round, global_delta, clock_s=clock.now_s, mixed=strategy.mixed is not None)
         if server_round > 0:
             bar.update(1)
         bar.set_postfix(acc=f"{accuracy:.3f}", ok=stats.get("clients_ok", 0), up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")
@@ -157,7 +190,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     try:
         if checkpoint:
             strategy.global_delta = checkpoint["global_delta"]
+            if checkpoint.get("mixed"):
+                strategy.mixed = MixedFleet(cfg, dense=strategy.global_delta)
         else:
+            if cfg.method == AUTO:
+                strategy.mixed = MixedFleet(cfg)
             strategy.global_delta = initial_state(grid, cfg, strategy, template_adapter, nodes)
             end_round(0)
         initial = encode(strategy.global_delta)[0] if strategy.global_delta else ArrayRecord()

@@ -6,6 +6,11 @@ Policy `adapt` walks, in this order, until a setting fits: the requested setting
 (halving, down to 2); a smaller rank (halving, down to 1; only where the aggregation accepts
 mixed ranks: lora_mode=exact, or methods without shared factors); then a cheaper method
 (CHEAPER below) with the same batch walk. Policy `strict` tries only the requested setting.
+
+A client may request its own method (a fleet file's `method` per group or client), or `auto`:
+at the requested batch, the methods of `method_order` (most expressive first) at the requested
+rank; then the same at each halved batch. The first setting that fits wins: a device keeps its
+batch and gives up expressiveness first.
 """
 from __future__ import annotations
 
@@ -45,21 +50,45 @@ def _halvings(start: int, low: int) -> list[int]:
     return values
 
 
-def candidates(cfg: RunConfig):
-    """(method, rank, batch) in the documented order."""
-    method = cfg.method
-    while method is not None:
-        # A fallback method is not aggregated, and GaLore's rank is local (its delta is dense); LoRA
+def _walk(cfg: RunConfig, requested: str) -> list[str]:
+    """The methods a client requesting `requested` tries, in order."""
+    if requested == "auto":
+        return cfg.auto_order()
+    methods = [requested]
+    while cfg.budget_policy == "adapt" and CHEAPER.get(methods[-1]) is not None:
+        methods.append(CHEAPER[methods[-1]])
+    return methods
+
+
+def candidates(cfg: RunConfig, requested: str | None = None, rank: int | None = None):
+    """(method, rank, batch) in the documented order, for a client requesting `requested` at
+    `rank` (default: the run's method and rank)."""
+    requested, base_rank = requested or cfg.method, rank or cfg.rank
+    if requested == "auto":
+        for batch in _halvings(cfg.batch_size, MIN_BATCH):
+            for method in cfg.auto_order():
+                yield method, base_rank if method in RANKED else None, batch
+        return
+    for method in _walk(cfg, requested):
+        # GaLore's rank is local (its delta is dense); weight-space aggregation takes any rank; LoRA
         # pairs of other ranks are aggregated only by lora_mode=exact, which re-factors per client.
         mixed_ranks_ok = method != cfg.method or method == "galore" or (
             cfg.lora_mode == "exact" and method in ("lora", "dora"))
-        ranks = _halvings(cfg.rank, 1) if method in RANKED and mixed_ranks_ok else [cfg.rank if method in RANKED else None]
+        ranks = _halvings(base_rank, 1) if method in RANKED and mixed_ranks_ok else [base_rank if method in RANKED else None]
         for rank in ranks:
             for batch in _halvings(cfg.batch_size, MIN_BATCH):
                 yield method, rank, batch
-        if cfg.budget_policy == "strict":
+        if cfg.budget_policy == "strict" and requested != "auto":
             return
-        method = CHEAPER.get(method)
+
+
+def all_candidates(cfg: RunConfig, requests=()) -> set:
+    """Every (method, rank, batch) some client of the run may choose; `requests`: the (method,
+    rank) pairs clients request beside the run's own."""
+    out = set(candidates(cfg))
+    for requested, rank in requests:
+        out |= set(candidates(cfg, requested, rank))
+    return out
 
 
 def step_cost(cfg: RunConfig, method: str, rank: int | None, batch: int, num_classes: int) -> StepCost:
@@ -67,9 +96,11 @@ def step_cost(cfg: RunConfig, method: str, rank: int | None, batch: int, num_cla
                         batch_size=batch, num_classes=num_classes, cache_dir=cfg.cache_dir or None)
 
 
-def choose_setting(cfg: RunConfig, device: Device, num_classes: int) -> Setting:
+def choose_setting(cfg: RunConfig, device: Device, num_classes: int, requested: str | None = None,
+                   rank: int | None = None) -> Setting:
+    """The first candidate setting that fits `device`'s budget (over_budget if none does)."""
     first = None
-    for method, rank, batch in candidates(cfg):
+    for method, rank, batch in candidates(cfg, requested, rank):
         cost = step_cost(cfg, method, rank, batch, num_classes)
         max_steps = None
         if cfg.max_flops_per_round > 0:
@@ -81,9 +112,9 @@ def choose_setting(cfg: RunConfig, device: Device, num_classes: int) -> Setting:
             first = setting
         if fits_memory and fits_flops:
             return setting
-        if cfg.budget_policy == "strict":
+        if cfg.budget_policy == "strict" and (requested or cfg.method) != "auto":
             break
     reason = (f"needs {first.cost.peak_bytes:,} B of memory, device has {device.ram_train_bytes:,} B"
               if first.cost.peak_bytes > device.ram_train_bytes else
               f"one step needs {first.cost.total_flops:,} FLOPs, budget is {cfg.max_flops_per_round:,.0f}")
-    return Setting(cfg.method, first.rank, first.batch_size, first.cost, "over_budget", False, 0, reason)
+    return Setting(first.method, first.rank, first.batch_size, first.cost, "over_budget", False, 0, reason)

@@ -14,6 +14,10 @@ TASKEDGE_MASKS = ("local", "shared")
 BUDGET_POLICIES = ("adapt", "strict")
 CODECS = ("none", "fp16", "int8")
 GALORE_UPLOADS = ("factored", "dense")
+MIXED_AGGREGATIONS = ("weight_space", "same_method_only")
+#: methods that have a weight-space form (strategies/weight_space.py), most expressive first
+WEIGHT_SPACE_METHODS = ("fft", "galore", "lora", "bn_head")
+AUTO = "auto"
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 STRAGGLER_POLICIES = ("drop", "partial")
 
@@ -23,7 +27,8 @@ class RunConfig:
     # model and method
     model: str = "mobilenet_v2"
     input_size: int = 32
-    method: str = "lora"
+    method: str = "lora"  # or "auto": each device the first of method_order that fits its budget
+    method_order: str = "fft,galore,lora,bn_head"  # method=auto's preference, most expressive first
     rank: int = 4
     alpha: float = 4.0
     density: float = 0.01  # TaskEdge; denser than the paper's 0.1% so a short demo moves
@@ -42,6 +47,11 @@ class RunConfig:
     # clients upload values only. taskedge_lora always shares one mask (its LoRA pairs are averaged).
     taskedge_mask: str = "local"
     fedbn: bool = False
+    # a client whose method differs from the run's (a budget fallback, a fleet file's per-device
+    # method, method=auto): weight_space aggregates every method's update as the dense change it
+    # makes (strategies/weight_space.py); same_method_only aggregates the run's method alone
+    mixed_aggregation: str = "weight_space"
+    weight_space_bn_stats: bool = True  # weight space also averages BatchNorm running statistics
     budget_policy: str = "adapt"
     max_flops_per_round: float = 0.0  # per client; 0: no FLOP budget
     upload_codec: str = "none"
@@ -92,7 +102,13 @@ class RunConfig:
         from fedpeft.models import MODELS
 
         choice("model", self.model, MODELS)
-        choice("method", self.method, METHODS)
+        choice("method", self.method, (*METHODS, AUTO))
+        choice("mixed_aggregation", self.mixed_aggregation, MIXED_AGGREGATIONS)
+        for m in self.auto_order():
+            choice("method_order", m, WEIGHT_SPACE_METHODS)
+        if self.method == AUTO:
+            require(self.mixes_methods, "method=auto: needs mixed_aggregation=weight_space, fedbn=false and "
+                                        "lora_mode fedit or exact (its clients run different methods)")
         choice("lora_mode", self.lora_mode, LORA_MODES)
         choice("taskedge_mask", self.taskedge_mask, TASKEDGE_MASKS)
         choice("budget_policy", self.budget_policy, BUDGET_POLICIES)
@@ -128,10 +144,31 @@ class RunConfig:
                                              "for taskedge with taskedge_mask=local or lora_mode=exact (use fedavg)")
         if self.fleet:
             require(Path(self.fleet).is_file(), f"fleet: no such file {self.fleet!r}")
-        make_method(self.method, **self.method_hparams())  # validates rank, density, nm
+            from fedpeft.devices import load_fleet
+
+            for spec in load_fleet(self.fleet):  # a fleet file may name each device's method
+                if spec.method is not None:
+                    choice(f"fleet client {spec.client_id} method", spec.method, (*METHODS, AUTO))
+                    require(spec.method not in (AUTO, *WEIGHT_SPACE_METHODS) or spec.method == self.method
+                            or self.mixes_methods, f"fleet client {spec.client_id} method {spec.method}: mixing "
+                            "methods needs mixed_aggregation=weight_space, fedbn=false, aggregator=fedavg, "
+                            "lora_mode fedit or exact, and a run method with a weight-space form")
+        for m in self.auto_order() if self.method == AUTO else [self.method]:
+            make_method(m, **self.method_hparams(m))  # validates rank, density, nm
         self.client_ids("fail_clients")
         self.client_ids("corrupt_clients")
         self.client_ids("poison_clients")
+
+    def auto_order(self) -> list[str]:
+        """method_order as a list (method=auto's walk)."""
+        return [m.strip() for m in self.method_order.split(",") if m.strip()]
+
+    @property
+    def mixes_methods(self) -> bool:
+        """Updates of other methods than the run's can be aggregated (weight space): the run's
+        method has a weight-space form, BatchNorm is shared, and LoRA uploads both factors."""
+        return (self.mixed_aggregation == "weight_space" and not self.fedbn and self.lora_mode in ("fedit", "exact")
+                and self.aggregator == "fedavg" and self.method in (*WEIGHT_SPACE_METHODS, AUTO))
 
     def method_hparams(self, method: str | None = None, rank: int | None = None) -> dict:
         from fedpeft.methods import method_fields
@@ -159,12 +196,12 @@ class RunConfig:
         """Every client's upload has the same keys and shapes (what coordinate-wise rules need)."""
         local_mask = self.method == "taskedge" and not self.shares_mask
         mixed_ranks = self.method in ("lora", "dora") and self.lora_mode == "exact"
-        return not (local_mask or mixed_ranks)
+        return not (local_mask or mixed_ranks or self.method == AUTO)
 
     @property
     def factored_galore(self) -> bool:
         """GaLore clients upload low-rank factors of their round update (fedpeft/methods/galore_upload.py)."""
-        return self.method == "galore" and self.galore_upload == "factored"
+        return self.galore_upload == "factored"
 
     @property
     def per_round(self) -> int:

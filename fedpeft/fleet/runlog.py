@@ -88,14 +88,14 @@ class RunLog:
         self._append("rounds.jsonl", record)
 
     # -- checkpoint ------------------------------------------------------------------------------
-    def save_checkpoint(self, server_round: int, global_delta: dict, clock_s: float = 0.0) -> None:
+    def save_checkpoint(self, server_round: int, global_delta: dict, clock_s: float = 0.0, mixed: bool = False) -> None:
         """Everything a resumed run needs, in one file replaced atomically: the last complete round,
         the global adapter (with TaskEdge's shared mask, if any), the virtual clock, and how many log
-        lines it covers. No RNG state: every draw (sampling, local training, jitter, traces) is seeded
+        lines it covers, and whether the state is a mixed run's weight-space one. No RNG state: every draw (sampling, local training, jitter, traces) is seeded
         by (seed, round, client)."""
         buffer = io.BytesIO()
         torch.save({"round": server_round, "global_delta": global_delta, "lines": dict(self.lines),
-                    "clock_s": float(clock_s)}, buffer)
+                    "clock_s": float(clock_s), "mixed": bool(mixed)}, buffer)
         atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
 
 
