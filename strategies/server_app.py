@@ -6,6 +6,7 @@ a config directly (the in-process simulation)."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 
@@ -97,6 +98,17 @@ def form_predictor(cfg: RunConfig, clock: FleetClock):
     return predict
 
 
+def _bar_size(stream) -> dict:
+    """tqdm's size options. A terminal that reports a 0 x 0 window (a pty nobody sized: `script`,
+    some IDE and container terminals) makes tqdm hide its bar as below the screen's last line
+    (tqdm drops bars at positions >= the height), so such a terminal gets a fixed size."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal: tqdm disables itself anyway
+        return {"dynamic_ncols": True}
+    return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 40}
+
+
 def server_flops_per_step(cfg: RunConfig):
     """FLOPs of one step of the setting a clients.jsonl line says it ran, from the server's own
     (cached) profile, for the virtual clock; None for a setting the budget walk would never choose
@@ -152,7 +164,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     strategy.predict = form_predictor(cfg, clock)
     done = checkpoint["round"] if checkpoint else -1
     bar = tqdm(total=cfg.rounds, initial=max(done, 0), desc=f"{cfg.method} fleet", unit="round", file=sys.stderr,
-               disable=None, dynamic_ncols=True)
+               disable=None, **_bar_size(sys.stderr))
     last = {"t": time.perf_counter(), "replies": 0}
 
     def end_round(server_round: int) -> None:
