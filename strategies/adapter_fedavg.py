@@ -253,25 +253,32 @@ class AdapterFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         nodes = self.reachable(self.sample(grid.get_node_ids(), server_round), server_round)
-        payloads = {n: (arrays, {}) for n in nodes}
-        forms = self.predicted_forms(nodes)
-        if self.mixed is not None:  # each client gets the fleet's state in the form of the setting it will pick
-            self.mixed.begin_round()
-            payloads = {n: (self.mixed.form(forms[n])[1], {"form-method": forms[n][0], "form-rank": forms[n][1]})
-                        for n in nodes}
+        payloads = self.payloads(nodes, arrays)
         self.sent_bytes = {n: record_bytes(record) for n, (record, _) in payloads.items()}
         return [Message(content=RecordDict({"arrays": payloads[n][0],
                                             "config": ConfigRecord({**config, **conditions, **payloads[n][1]})}),
                         message_type=MessageType.TRAIN, dst_node_id=n) for n, conditions in nodes.items()]
 
+    def payloads(self, nodes: dict[int, dict], arrays: ArrayRecord) -> dict[int, tuple[ArrayRecord, dict]]:
+        """(record, extra config) per node: the global adapter for all, or in a mixed run each node
+        the state in the form of the setting it will pick (nothing for a node whose client is
+        unknown or will pick a method without a weight-space form: it starts fresh)."""
+        forms = self.predicted_forms(nodes)
+        if self.mixed is None:
+            return {n: (arrays, {}) for n in nodes}
+        self.mixed.begin_round()
+        return {n: (self.mixed.form(forms[n])[1], {"form-method": forms[n][0], "form-rank": forms[n][1]})
+                if n in forms else (ArrayRecord(), {}) for n in nodes}
+
     def predicted_forms(self, nodes: dict[int, dict]) -> dict[int, tuple[str, int]]:
-        """Each node's predicted (method, rank); the first time one differs from the run's method,
-        the run turns mixed: its global adapter becomes the weight-space state."""
+        """Each known node's predicted (method, rank), for methods with a weight-space form; the
+        first time one differs from the run's method, the run turns mixed: its global adapter
+        becomes the weight-space state."""
         if self.predict is None:
             return {}
         ids = {n: self.known_nodes.get(n, {}).get("client_id") for n in nodes}
-        forms = {n: self.predict(cid, nodes[n]) if cid is not None else (self.cfg.method, self.cfg.rank)
-                 for n, cid in ids.items()}
+        forms = {n: self.predict(cid, nodes[n]) for n, cid in ids.items() if cid is not None}
+        forms = {n: f for n, f in forms.items() if f[0] in WEIGHT_SPACE_METHODS}
         if self.mixed is None and any(method != self.cfg.method for method, _ in forms.values()):
             self.mixed = MixedFleet.from_global(self.cfg, self.global_delta)
             self.global_delta = self.mixed.dense

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord
 
 from fedpeft.errors import require
 from fedpeft.fleet import setup
+from fedpeft.fleet.budget import all_candidates
 from fedpeft.fleet.config import WEIGHT_SPACE_METHODS, RunConfig
 from fedpeft.methods.galore_upload import expand_upload
 from fedpeft.payload import decode, encode
@@ -45,6 +46,10 @@ class MixedFleet:
         self.cfg = cfg
         self.pretrained = {k: v.detach().clone() for k, v in setup.pretrained_model(cfg).state_dict().items()}
         self.dense: Delta = dict(dense or {})
+        # the forms a client of this run can have: a reply claiming another (say LoRA at rank 10^9)
+        # is rejected before the server builds anything for it
+        requests = {(s.method, s.rank) for s in setup.fleet_for(cfg) if s.method}
+        self.allowed = {(m, r or 0) for m, r, _ in all_candidates(cfg, requests)}
         self._templates: dict[Form, Delta] = {}
         self._forms: dict[Form, tuple[Delta, ArrayRecord]] = {}
 
@@ -81,6 +86,8 @@ class MixedFleet:
         from: the form it was sent, or zero if it started fresh."""
         method, rank = rec.get("method"), int(rec.get("rank") or 0)
         require(method in WEIGHT_SPACE_METHODS, f"method: {method} has no weight-space form")
+        require((method, rank) in self.allowed, f"setting: {method} at rank {rank} is not one this run's clients "
+                                                "can choose")
         template = self.template((method, rank))
         shapes = {k: tuple(v.shape) for k, v in template.items()}
         if method == "galore" and self.cfg.factored_galore:

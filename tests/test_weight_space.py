@@ -191,3 +191,30 @@ def test_auto_on_resnet18_spreads_methods_over_budgets(tmp_path):
     chosen = {mib: choose_setting(cfg, with_overrides(pi, ram_train_bytes=mib * 2**20), 10) for mib in (400, 150, 80)}
     assert [s.method for s in chosen.values()] == ["fft", "galore", "lora"]
     assert all(s.batch_size == 32 and s.cost.peak_bytes <= mib * 2**20 for mib, s in chosen.items())
+
+
+def test_unknown_nodes_and_methods_without_a_weight_space_form_get_no_form(tmp_path):
+    """A node the roll call did not identify, or a client that will pick TaskEdge, is sent nothing
+    (it starts fresh); the others get their own form, and the run turns mixed."""
+    from test_fleet import small_config, strategy_for
+
+    cfg = small_config(tmp_path)
+    strategy = strategy_for(cfg, tmp_path)
+    strategy.known_nodes = {100: {"client_id": 0}, 101: {"client_id": 1}}
+    strategy.predict = lambda cid, conditions: ("bn_head", 0) if cid == 0 else ("taskedge", 0)
+    payloads = strategy.payloads({100: {}, 101: {}, 102: {}}, None)
+    assert strategy.mixed is not None
+    assert payloads[100][1] == {"form-method": "bn_head", "form-rank": 0} and len(payloads[100][0]) > 0
+    assert payloads[101][1] == {} and len(payloads[101][0]) == 0
+    assert len(payloads[102][0]) == 0 and payloads[102][1] == {}
+
+
+def test_a_reply_claiming_a_form_no_client_can_have_is_refused_before_anything_is_built(tmp_path):
+    from fedpeft.errors import UsageError
+    from strategies.mixed import MixedFleet
+    from test_fleet import small_config
+
+    fleet = MixedFleet(small_config(tmp_path))
+    with pytest.raises(UsageError, match="rank 1000000000"):
+        fleet.decode(None, {"method": "lora", "rank": 10**9})
+    assert ("lora", 10**9) not in fleet._templates and ("bn_head", 0) in fleet.allowed
