@@ -291,7 +291,7 @@ def test_server_rejects_bad_sparse_uploads_instead_of_failing(tmp_path):
     strategy = strategy_for(cfg, tmp_path)
     good = decode(client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1).arrays)
     strategy.decode_delta(encode(good)[0])
-    key = next(k for k in good if k.endswith(".indices"))
+    key = next(k for k in good if k.endswith(".indices") and good[k].numel() >= 2)  # at 0.1% some layers get < 2
     out_of_range = {**good, key: good[key] + 10**8}
     duplicated = {**good, key: torch.zeros_like(good[key])}
     for bad in (out_of_range, duplicated):

@@ -132,3 +132,16 @@ def test_finetune_reports_realised_density(tmp_path, capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0095 <= out["realised_density"] <= 0.0105 and out["steps"] > 0
+
+
+def test_one_density_default_everywhere(tmp_path):
+    """A fleet's TaskEdge uses the method's own default density, as finetune and profile do."""
+    from fedpeft.fleet.config import RunConfig
+    from fedpeft.methods import make_method
+    from fedpeft.methods.taskedge import DEFAULT_DENSITY, DEFAULT_LORA_DENSITY
+
+    cfg = RunConfig(method="taskedge")
+    assert "density" not in cfg.method_hparams()
+    assert make_method("taskedge", **cfg.method_hparams()).density == DEFAULT_DENSITY
+    assert make_method("taskedge_lora", **cfg.method_hparams("taskedge_lora")).density == DEFAULT_LORA_DENSITY
+    assert RunConfig(method="taskedge", density=0.05).method_hparams()["density"] == 0.05

@@ -23,6 +23,7 @@ FLAGS = {
 }
 HELP = {
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
+    "density": "TaskEdge mask density in (0, 1]; 0: the method's own (taskedge 0.001, taskedge_lora 0.01) (default 0)",
     "taskedge_mask": f"one of {', '.join(TASKEDGE_MASKS)}: each client's own mask, or one mask the server builds",
     "budget_policy": f"one of {', '.join(BUDGET_POLICIES)}",
     "upload_codec": f"one of {', '.join(CODECS)}", "fleet": "fleet TOML file (default: a mixed fleet)",

@@ -31,7 +31,7 @@ class RunConfig:
     method_order: str = "fft,galore,lora,bn_head"  # method=auto's preference, most expressive first
     rank: int = 4
     alpha: float = 4.0
-    density: float = 0.01  # TaskEdge; denser than the paper's 0.1% so a short demo moves
+    density: float = 0.0  # TaskEdge mask density; 0: the method's own default (taskedge 0.001, taskedge_lora 0.01)
     nm: str = ""
     depthwise: bool = False
     lr: float = 0.0  # 0: the method's own default
@@ -173,7 +173,7 @@ class RunConfig:
     def method_hparams(self, method: str | None = None, rank: int | None = None) -> dict:
         from fedpeft.methods import method_fields
 
-        hp = {"rank": rank or self.rank, "alpha": self.alpha, "density": self.density, "nm": self.nm or None,
+        hp = {"rank": rank or self.rank, "alpha": self.alpha, "density": self.density or None, "nm": self.nm or None,
               "depthwise": self.depthwise, "lr": self.lr or None,
               "freeze_a": self.lora_mode == "ffa"}
         known = method_fields(method or self.method)
