@@ -60,11 +60,7 @@ def requested_method(cfg: RunConfig, node_config: dict, client_id: int) -> tuple
     its fleet entry's, else the run's (rank None: the run's)."""
     if "method" in node_config:
         return str(node_config["method"]), int(node_config["rank"]) if "rank" in node_config else None
-    if "device" not in node_config:
-        spec = setup.fleet_for(cfg)[client_id]
-        if spec.method is not None:
-            return spec.method, spec.rank
-    return cfg.method, None
+    return setup.request_of(cfg, client_id) if "device" not in node_config else (cfg.method, None)
 
 
 def _refactor_lora(cfg: RunConfig, global_delta: dict, rank: int) -> dict:

@@ -16,8 +16,9 @@ weight_space.py) instead of one method's adapter, and per round:
 The global model evaluated each round is pre-trained + the dense state (fft's form). Downlink
 bytes are counted per client in its own form. `weight_space_bn_stats = false` leaves BatchNorm
 running statistics out of the average (the fleet keeps the ones it has): they are estimates, and a
-client that fell back to BN+H estimated them on batches as small as 2 (experiments/mixed_fleet.py). `mixed_aggregation = same_method_only` keeps the
-old behaviour: only the run's method is aggregated, fallbacks are logged and dropped.
+client that fell back to BN+H estimated them on batches as small as 2 (experiments/mixed_fleet.py).
+`mixed_aggregation = same_method_only` keeps the old behaviour: only the run's method is
+aggregated, fallbacks are logged and dropped.
 """
 from __future__ import annotations
 
@@ -48,8 +49,7 @@ class MixedFleet:
         self.dense: Delta = dict(dense or {})
         # the forms a client of this run can have: a reply claiming another (say LoRA at rank 10^9)
         # is rejected before the server builds anything for it
-        requests = {(s.method, s.rank) for s in setup.fleet_for(cfg) if s.method}
-        self.allowed = {(m, r or 0) for m, r, _ in all_candidates(cfg, requests)}
+        self.allowed = {(m, r or 0) for m, r, _ in all_candidates(cfg)}
         self._templates: dict[Form, Delta] = {}
         self._forms: dict[Form, tuple[Delta, ArrayRecord]] = {}
 

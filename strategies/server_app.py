@@ -22,10 +22,10 @@ from fedpeft.fleet.runlog import RunLog, check_out_dir, check_same_run, load_che
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import encode
 from fedpeft.train import evaluate
-from strategies.adapter_fedavg import AdapterFedAvg
 from fedpeft.devices import with_overrides
 from fedpeft.fleet.budget import RANKED, choose_setting
 from fedpeft.fleet.config import AUTO
+from strategies.adapter_fedavg import AdapterFedAvg
 from strategies.aggregation import client_upload
 from strategies.run_loop import exchange, roll_call, run_rounds, wait_for_nodes
 from strategies.mixed import MixedFleet
@@ -78,8 +78,7 @@ def form_predictor(cfg: RunConfig, clock: FleetClock):
     """predict(client id, conditions) -> the (method, rank) the client will pick this round: the
     client's own budget walk (its requested method, its device under this round's RAM), run on
     the server; None for a run whose clients cannot mix methods."""
-    fleet = setup.fleet_for(cfg)
-    can_mix = cfg.budget_policy == "adapt" or cfg.method == AUTO or any(s.method for s in fleet)
+    can_mix = cfg.budget_policy == "adapt" or cfg.method == AUTO or bool(setup.fleet_requests(cfg))
     if not (cfg.mixes_methods and can_mix):
         return None
     num_classes = setup.task_for(cfg).num_classes
@@ -90,9 +89,7 @@ def form_predictor(cfg: RunConfig, clock: FleetClock):
             return cfg.method, cfg.rank
         if "sim-ram-train-bytes" in conditions:
             device = with_overrides(device, "sim-ram-train-bytes", ram_train_bytes=conditions["sim-ram-train-bytes"])
-        spec = fleet[client_id] if 0 <= client_id < len(fleet) else None
-        requested = (spec.method, spec.rank) if spec is not None and spec.method else (cfg.method, None)
-        setting = choose_setting(cfg, device, num_classes, *requested)
+        setting = choose_setting(cfg, device, num_classes, *setup.request_of(cfg, client_id))
         return setting.method, setting.rank or 0
 
     return predict
@@ -115,7 +112,7 @@ def server_flops_per_step(cfg: RunConfig):
     (a hostile or broken reply must not make the server profile whatever it claims)."""
     from fedpeft.fleet.budget import all_candidates, step_cost
 
-    allowed = all_candidates(cfg, {(s.method, s.rank) for s in setup.fleet_for(cfg) if s.method})
+    allowed = all_candidates(cfg)
     num_classes = setup.task_for(cfg).num_classes
 
     def per_step(rec: dict) -> float | None:

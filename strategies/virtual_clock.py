@@ -36,13 +36,13 @@ class Conditions:
     """A reachable client's conditions this round, as sent to it (`to_config`)."""
 
     window: Window | None  # None: not on a trace (always reachable)
-    ram_train_bytes: int
+    ram_train_bytes: int | None  # None: the client's own device budget
     compute_fraction: float
     jitter: float
 
     def to_config(self) -> dict:
-        return {"sim-ram-train-bytes": int(self.ram_train_bytes), "sim-compute-fraction": float(self.compute_fraction),
-                "sim-jitter": float(self.jitter)}
+        ram = {} if self.ram_train_bytes is None else {"sim-ram-train-bytes": int(self.ram_train_bytes)}
+        return {**ram, "sim-compute-fraction": float(self.compute_fraction), "sim-jitter": float(self.jitter)}
 
 
 class FleetClock:
@@ -77,7 +77,7 @@ class FleetClock:
         """The client's conditions at the clock's current time, or None when it is unreachable."""
         device = self.devices.get(client_id)
         if device is None:  # not a client of this fleet: no clock for it (its reply will be rejected)
-            return Conditions(None, 0, 1.0, 1.0)
+            return Conditions(None, None, 1.0, 1.0)
         if client_id in self.real or self.trace is None:
             window, ram, fraction = None, device.ram_train_bytes, 1.0
         else:

@@ -82,11 +82,13 @@ def candidates(cfg: RunConfig, requested: str | None = None, rank: int | None = 
             return
 
 
-def all_candidates(cfg: RunConfig, requests=()) -> set:
-    """Every (method, rank, batch) some client of the run may choose; `requests`: the (method,
-    rank) pairs clients request beside the run's own."""
+def all_candidates(cfg: RunConfig) -> set:
+    """Every (method, rank, batch) some client of the run may choose: the run's walk and that of
+    every method a fleet entry requests."""
+    from fedpeft.fleet.setup import fleet_requests
+
     out = set(candidates(cfg))
-    for requested, rank in requests:
+    for requested, rank in fleet_requests(cfg):
         out |= set(candidates(cfg, requested, rank))
     return out
 

@@ -3,6 +3,7 @@ adapter (seeded, so every client and the server start from the same adapter init
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import json
 
 import torch
@@ -57,7 +58,29 @@ def client_data(cfg: RunConfig, partition_id: int) -> ImageDataset:
 
 
 def fleet_for(cfg: RunConfig) -> list:
-    """The fleet's clients (fedpeft.devices.ClientSpec): the fleet file's, else the default mix."""
+    """The fleet's clients (fedpeft.devices.ClientSpec): the fleet file's, else the default mix.
+    Read once per process and file version: every client round and server round asks for it."""
+    if not cfg.fleet:
+        return list(_fleet("", 0, cfg.num_clients, cfg.seed))
+    stat = Path(cfg.fleet).stat()
+    return list(_fleet(str(Path(cfg.fleet).resolve()), stat.st_mtime_ns, stat.st_size, 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _fleet(path: str, mtime_ns: int, size_or_clients: int, seed: int) -> tuple:
     from fedpeft.devices import default_fleet, load_fleet
 
-    return load_fleet(cfg.fleet) if cfg.fleet else default_fleet(cfg.num_clients, seed=cfg.seed)
+    return tuple(load_fleet(path) if path else default_fleet(size_or_clients, seed=seed))
+
+
+def fleet_requests(cfg: RunConfig) -> set[tuple[str, int | None]]:
+    """The (method, rank) pairs that fleet entries request beside the run's own."""
+    return {(s.method, s.rank) for s in fleet_for(cfg) if s.method}
+
+
+def request_of(cfg: RunConfig, client_id: int) -> tuple[str, int | None]:
+    """(method, rank) simulated client `client_id` asks for: its fleet entry's, else the run's
+    (rank None: the run's)."""
+    fleet = fleet_for(cfg)
+    spec = fleet[client_id] if 0 <= client_id < len(fleet) else None
+    return (spec.method, spec.rank) if spec is not None and spec.method else (cfg.method, None)
