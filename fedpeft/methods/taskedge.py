@@ -20,9 +20,12 @@ slightly short of the request.
 
 Only the masked entries train: each target layer is wrapped by `MaskedLayer`, which keeps the
 pre-trained weight frozen and learns a vector of `values` (one per masked entry) added at the
-mask's flat indices. The optimizer's state and the gradient that is kept are the size of the
-mask; the dense weight gradient exists only as a temporary inside backward. `taskedge_lora`
-learns a LoRA pair instead and adds its product B @ A only at the masked entries.
+mask's flat indices. The backward computes the gradient of those values only (masked_grad.py:
+one gathered dot product per masked entry over the unfolded input), never the dense weight
+gradient, so it costs the input's gradient plus 2 x samples x positions FLOPs per entry; the
+optimizer's state and the gradient are the size of the mask. `taskedge_lora` learns a LoRA pair
+instead and adds its product B @ A only at the masked entries (same kernel: the gradient reaches
+A and B through the gathered values).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from torch import nn
 from fedpeft.errors import require
 from fedpeft.methods.base import Adapter, Delta, Method
 from fedpeft.methods.layers import dense_layers, freeze, set_submodule
+from fedpeft.methods.masked_grad import masked_forward, supports_sparse_grad, updated_weight
 from fedpeft.models import head_of
 
 #: THE TaskEdge density: the paper's 0.1%. CLI help and configs import it rather than repeat it.
@@ -206,11 +210,13 @@ class MaskedLayer(nn.Module):
         return (self.lora_B @ self.lora_A).reshape(-1)[self.indices] * self.scaling
 
     def weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return w.reshape(-1).index_add(0, self.indices, self.update_values()).view_as(w)
+        return updated_weight(self.base.weight, self.indices, self.update_values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base
+        if supports_sparse_grad(b) and not b.weight.requires_grad:
+            return masked_forward(b, x, self.indices, self.update_values())
+        # Dense path (string padding, padding modes): autograd builds the full weight gradient.
         if isinstance(b, nn.Conv2d):
             return F.conv2d(x, self.weight(), b.bias, b.stride, b.padding, b.dilation, b.groups)
         return F.linear(x, self.weight(), b.bias)
