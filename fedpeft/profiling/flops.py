@@ -17,8 +17,12 @@ update. The optimizer term is therefore:
   * GaLore's SVD (`torch.linalg.svd` is not counted by the mode) amortised over update_proj_gap.
 
 Masked/sparse adapters (TaskEdge) scatter their trained values into the frozen weight in the
-forward and gather the gradient of those entries in the backward; index ops are not counted by
-the mode, so `masking_flops` adds 1 FLOP per masked entry to each (see `count_masked_entries`).
+forward, and in the backward scatter them again (to rebuild the weight for the input's gradient)
+and compute the gradient only at the masked entries (fedpeft/methods/masked_grad.py). That
+gradient is a `bmm` of gathered rows, which the mode counts (2 FLOPs per entry, sample and output
+position); the input's gradient is a `convolution_backward` without the weight term, counted by
+the mode too. Index ops are not counted by the mode, so `masking_flops` adds 1 FLOP per masked
+entry to the forward and 1 to the backward (see `count_masked_entries`).
 DoRA (peft's `use_dora`) recomputes, in every training forward of each adapted weight W
 (C_out rows), its column-wise norm ||W + s * B @ A|| and rescales the layer by magnitude / norm
 (peft/tuners/lora/dora.py; caching is off in training). The mode counts the B @ A product (an
@@ -211,11 +215,12 @@ def count_masked_entries(model: nn.Module) -> int:
 def masking_flops(model: nn.Module) -> tuple[int, int]:
     """(forward, backward) FLOPs of masked adapters' scatter/gather, which the mode does not count.
 
-    Per masked entry: the forward scatter-adds the value into the frozen weight (index_add: 1)
-    and the backward gathers the entry's gradient from the dense weight gradient (1). A masked
-    LoRA (taskedge_lora) also gathers its B @ A product at the mask and scales it in the forward
-    (+2), and scales and scatters the gradient back in the backward (+2); its B @ A matmul and
-    their gradients are counted by the mode.
+    Per masked entry: the forward scatter-adds the value into the frozen weight (index_add: 1),
+    and so does the backward, which rebuilds the weight for the input's gradient instead of
+    keeping a dense copy (1); the entries' gradients themselves (gathered dot products) are
+    counted by the mode. A masked LoRA (taskedge_lora) also gathers its B @ A product at the mask
+    and scales it in the forward (+2), and scales and scatters the gradient back in the backward
+    (+2); its B @ A matmul and their gradients are counted by the mode.
     """
     fw = bw = 0
     for module in masked_layers(model):
