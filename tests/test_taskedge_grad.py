@@ -58,12 +58,14 @@ def test_masked_gradient_equals_dense_gradient_at_the_mask(kind, nm):
     dense = copy.deepcopy(sparse)
     dense.__class__ = DenseMaskedLayer
     x = torch.randn(*shape)
+    frozen = sparse.base.weight.clone()
     xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ys, yd = sparse(xs), dense(xd)
     grad_out = torch.randn_like(ys)
     ys.backward(grad_out)
     yd.backward(grad_out)
     assert sparse.indices.numel() > 0
+    assert torch.equal(sparse.base.weight, frozen)  # values added in place for the convolution, then undone
     torch.testing.assert_close(ys, yd)
     torch.testing.assert_close(sparse.values.grad, dense.values.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-5, atol=1e-5)

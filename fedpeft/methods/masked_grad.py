@@ -15,14 +15,21 @@ zero-padded, then the strided window of the offset) and multiplied as one batche
 `bmm` of (E, 1, M) by (E, M, 1) with M = samples x positions, so FlopCounterMode counts its real
 2*E*M FLOPs. Entries go in chunks so a gathered temporary holds at most CHUNK_ELEMENTS values.
 No (out, fan_in) gradient exists at any time. The input's gradient is the usual one
-(conv_transpose, or grad_out @ W) with the updated weight, which the backward rebuilds from the
-frozen weight and the saved values rather than keeping a dense copy alive from the forward.
+(conv_transpose, or grad_out @ W) with the updated weight.
+
+No dense copy of the weight is made either: the forward and the backward add the values into the
+frozen weight in place for the one convolution that needs them and then write the saved original
+entries back (`values_added`), so the weight is bit-identical afterwards. A copy per layer and
+step (W + scatter(values)) cost resnet18 a 9 MiB temporary per 3x3 layer, 12% more peak memory
+than LoRA, and a third of its step time in allocation and copying.
 
 Grouped and depthwise convs, strides, dilations and zero padding are handled; N:M masks are just
 another index set. Convs with string padding ('same') or a non-zero padding mode are not: the
 caller uses the dense path for them (`supports_sparse_grad`).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +51,21 @@ def supports_sparse_grad(layer: nn.Module) -> bool:
 def updated_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """W with `values` added at the flat `indices` (a new tensor; W is left as it is)."""
     return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
+
+
+@contextmanager
+def values_added(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor):
+    """Inside the block the frozen `weight` holds W + values at `indices`; after it, exactly W again.
+
+    The original entries are saved and copied back (not subtracted: (w + v) - v need not be w in
+    floating point). `indices` must be unique, as TaskEdge's masks are."""
+    flat = weight.detach().view(-1)
+    original = flat[indices]
+    flat.index_add_(0, indices, values.detach().to(flat.dtype))
+    try:
+        yield weight
+    finally:
+        flat.index_copy_(0, indices, original)
 
 
 def _chunks(total: int, per_entry: int):
@@ -110,17 +132,18 @@ class MaskedWeightFn(torch.autograd.Function):
     def forward(ctx, x, values, weight, bias, indices, conv):
         if weight.requires_grad:
             raise ValueError("MaskedWeightFn trains only the masked values: the base weight must be frozen")
-        w = updated_weight(weight, indices, values)
-        y = F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
-        ctx.save_for_backward(x, values, weight, indices)
+        with values_added(weight, indices, values) as w:
+            y = F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
+        ctx.save_for_backward(x, values, indices)
+        ctx.weight = weight  # not saved for backward: values_added changes it in place (and back)
         ctx.conv = conv
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, values, weight, indices = ctx.saved_tensors
-        conv = ctx.conv
+        x, values, indices = ctx.saved_tensors
+        weight, conv = ctx.weight, ctx.conv
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[1]:  # before grad_x exists, so its chunks reuse free memory
             if conv is None:
@@ -129,11 +152,11 @@ class MaskedWeightFn(torch.autograd.Function):
                 grad_values = conv_entry_grads(x, grad_out, indices, weight.shape, *conv)
             grad_values = grad_values.to(values.dtype)
         if ctx.needs_input_grad[0]:
-            w = updated_weight(weight, indices, values)
-            if conv is None:
-                grad_x = grad_out @ w
-            else:
-                grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad_out, *conv)
+            with values_added(weight, indices, values) as w:
+                if conv is None:
+                    grad_x = grad_out @ w
+                else:
+                    grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad_out, *conv)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(dim=(0, 2, 3)) if conv is not None else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_values, None, grad_bias, None, None
