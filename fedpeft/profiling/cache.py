@@ -22,7 +22,8 @@ from pathlib import Path
 #: Bump when what a profile measures or how it is stored changes: old entries stop matching.
 #: 2: DoRA's weight-norm FLOPs counted; library versions in the key.
 #: 3: TaskEdge allocates one global budget (fewer entries at low density); realised_density stored.
-SCHEMA_VERSION = 3
+#: 4: memory traffic per step (`traffic`: bytes by phase and by arithmetic-intensity bucket).
+SCHEMA_VERSION = 4
 
 
 def default_cache_dir() -> Path:
