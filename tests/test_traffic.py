@@ -101,3 +101,14 @@ def test_memory_bound_model_takes_longer_than_its_flops_alone_on_a_device():
     assert timing.compute_s == pytest.approx(10 * roofline)
     no_bandwidth = Device(**{**pi4.to_dict(), "memory_bytes_per_s": None})
     assert compute_time_s(no_bandwidth, cost.total_flops, cost.traffic) == pytest.approx(flops_only)
+
+
+def test_a_clients_jsonl_line_with_traffic_plans_roofline_time():
+    from fedpeft.fleet.clock import plan_from_record
+
+    board = Device(name="b", ram_train_bytes=10 ** 9, flops_per_s=1e9, uplink_bps=8e6, downlink_bps=8e6, power_w=1.0,
+                   availability=1.0, memory_bytes_per_s=1e8)
+    step = traffic({15: (1e9, 1e6), 0: (0, 2e8)})  # 1 s of compute-bound work, 2 s of memory-bound work
+    rec = {"client_id": 0, "steps": 4, "flops_per_step": 1e9, "bytes_up": 0, "bytes_down": 0}
+    assert plan_from_record(rec, board).timing.compute_s == pytest.approx(4 * 1.0)  # no traffic: FLOPs only
+    assert plan_from_record({**rec, "traffic_per_step": step}, board).timing.compute_s == pytest.approx(4 * 3.0)

@@ -16,7 +16,8 @@ from the profile (fedpeft.profiling.profile_step) and two calibrations of this m
   before (FLOPs only):  total_flops / F
   after  (roofline):    fedpeft.profiling.traffic.roofline_time_s(total_flops, traffic, F, B)
 
-Everything is timed on one thread (torch.set_num_threads(1)) with time.thread_time(): CPU time of
+Both calibrations run once at the start (printed) and again right before each cell, whose
+predictions use its own. Everything is timed on one thread (torch.set_num_threads(1)) with time.thread_time(): CPU time of
 this thread only, so other jobs on a shared machine do not count. Each figure is the median of
 `--repeats` timings after `--warmup` untimed runs. Prints the error per cell, (predicted -
 measured) / measured, before and after, and the mean absolute error; writes a JSON with every
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     F, B = flops_cal["conv_flops_per_s"], bw_cal["add_bytes_per_s"]
     print(f"calibration (1 thread, CPU time, median of {args.repeats}): F = {F / 1e9:.2f} GFLOP/s dense conv "
           f"(GEMM {flops_cal['gemm_flops_per_s'] / 1e9:.2f}); B = {B / 1e9:.2f} GB/s add "
-          f"(copy {bw_cal['copy_bytes_per_s'] / 1e9:.2f}), ridge {F / B:.1f} FLOP/byte")
+          f"(copy {bw_cal['copy_bytes_per_s'] / 1e9:.2f}), ridge {F / B:.1f} FLOP/byte; re-measured before each cell")
 
     rows = []
     header = f"{'model':<20}{'method':<10}{'GFLOP':>8}{'MB moved':>10}{'measured ms':>13}" \
@@ -191,10 +192,13 @@ def main(argv=None) -> int:
         for method_name in args.methods:
             cost = profile_step(model_name, method_name, input_size=args.input_size, batch_size=args.batch_size)
             step = build_step(model_name, method_name, args.input_size, args.batch_size)
+            # calibrate again right before the cell: a shared machine's load drifts, and it slows the
+            # calibration and the step alike only when both run under it
+            F, B = calibrate_flops(args.repeats)["conv_flops_per_s"], calibrate_bandwidth(args.repeats)["add_bytes_per_s"]
             measured = median_thread_time(step, args.repeats, args.warmup)
             before = cost.total_flops / F
             after = roofline_time_s(cost.total_flops, cost.traffic, F, B)
-            row = {"model": model_name, "method": method_name, "flops": cost.total_flops,
+            row = {"model": model_name, "method": method_name, "flops": cost.total_flops, "F": F, "B": B,
                    "traffic_bytes": cost.traffic["total"], "measured_s": measured,
                    "flops_only_s": before, "roofline_s": after,
                    "error_flops_only": (before - measured) / measured, "error_roofline": (after - measured) / measured}
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
                   f"{measured * 1e3:>13.1f}{before * 1e3:>15.1f}{row['error_flops_only']:>+8.0%}"
                   f"{after * 1e3:>13.1f}{row['error_roofline']:>+8.0%}", flush=True)
 
+    print(f"calibration before each cell: F {min(r['F'] for r in rows) / 1e9:.1f}-{max(r['F'] for r in rows) / 1e9:.1f}"
+          f" GFLOP/s, B {min(r['B'] for r in rows) / 1e9:.1f}-{max(r['B'] for r in rows) / 1e9:.1f} GB/s")
     mae_before = statistics.mean(abs(r["error_flops_only"]) for r in rows)
     mae_after = statistics.mean(abs(r["error_roofline"]) for r in rows)
     missed = [f"{r['model']}/{r['method']}" for r in rows if abs(r["error_roofline"]) > args.goal]
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
         print(f"outside the goal (roofline): {', '.join(missed)}")
     for cell in args.explain:
         model_name, _, method_name = cell.partition("/")
+        F, B = calibrate_flops(args.repeats)["conv_flops_per_s"], calibrate_bandwidth(args.repeats)["add_bytes_per_s"]
         explain(model_name, method_name, args.input_size, args.batch_size, F, B)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
