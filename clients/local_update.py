@@ -122,10 +122,12 @@ class RoundLog:
                         "bytes_up": 0, "ram_budget_bytes": int(self.device.ram_train_bytes), "examples": 0,
                         "steps": 0, "rank": 0, "batch_size": 0, "num-examples": 0}
 
-    def finish(self, arrays: ArrayRecord, flops: dict | None = None) -> ClientReply:
+    def finish(self, arrays: ArrayRecord, flops: dict | None = None, traffic: dict | None = None) -> ClientReply:
         """Close the round: FLOPs (totals for the round), simulated device time and energy, wall time."""
         flops = {k: int(v) for k, v in (flops or {}).items()}
         compute_s = compute_time_s(self.device, flops.get("total", 0))
+        if traffic and self.metrics.get("steps") and self.metrics.get("flops_per_step"):  # the roofline, per step
+            compute_s = compute_time_s(self.device, self.metrics["flops_per_step"], traffic) * self.metrics["steps"]
         comm_s = comm_time_s(self.device, self.metrics["bytes_up"], self.bytes_down)
         self.metrics.update({f"flops.{k}": v for k, v in flops.items()})
         self.metrics.update(compute_s=compute_s, comm_s=comm_s, device_time_s=compute_s + comm_s,
@@ -179,7 +181,8 @@ def steps_for_deadline(cfg: RunConfig, log: RoundLog, setting: Setting, adapter,
                 else torch.randint(0, 2**30, v.shape, generator=generator).to(v.dtype) for k, v in upload.items()}
     upload_bytes = record_bytes(encode(stand_in, cfg.upload_codec)[0])
     timing = client_timing(log.device, setting.cost.total_flops, planned, log.bytes_down, upload_bytes,
-                           compute_fraction=log.conditions.compute_fraction, jitter=log.conditions.jitter)
+                           compute_fraction=log.conditions.compute_fraction, jitter=log.conditions.jitter,
+                           traffic_per_step=setting.cost.traffic)
     return planned, steps_within(cfg.round_deadline_s, timing)
 
 
@@ -243,7 +246,7 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     metrics.update(examples=examples, steps=result.steps, loss=result.loss, bytes_up=encoded.bytes,
                    flops_per_step=int(setting.cost.total_flops),
                    quant_error=float(encoded.max_abs_error), **{"num-examples": examples})
-    return log.finish(record, {k: v * result.steps for k, v in setting.cost.flops.items()})
+    return log.finish(record, {k: v * result.steps for k, v in setting.cost.flops.items()}, setting.cost.traffic)
 
 
 def identify(cfg: RunConfig, node_config: dict) -> ClientReply:

@@ -26,9 +26,14 @@ Clients get ids 0, 1, ... : all `[[group]]` entries in file order first, then al
 
 Simulated cost (no real device is involved):
 
-    device_time_s = flops / flops_per_s + bytes_up * 8 / uplink_bps + bytes_down * 8 / downlink_bps
+    device_time_s = compute_s + bytes_up * 8 / uplink_bps + bytes_down * 8 / downlink_bps
+    compute_s     = sum over the step's ops of max(flops / flops_per_s, bytes / memory_bytes_per_s)
 
-Bandwidths are in bits per second, payloads in bytes, hence the factor 8. Energy is one power
+the roofline: an op is bound by the ALUs or by the memory, whichever is slower (ops grouped by
+arithmetic intensity in the profile's `traffic`, fedpeft/profiling/traffic.py). Without the step's
+traffic, or for a device without `memory_bytes_per_s`, compute_s = flops / flops_per_s.
+Link bandwidths are in bits per second, payloads in bytes, hence the factor 8; memory bandwidth
+is in bytes per second. Energy is one power
 level for the whole update: `energy_j = power_w * (compute_s + comm_s)`. fedpeft does not model
 a separate radio power; for boards where the radio draws less than a training CPU this
 overstates the communication energy (a bound, not an estimate).
@@ -51,11 +56,11 @@ from fedpeft.errors import UsageError, choice, require
 
 #: Fields a device table may hold (besides `extends`), with whether each is required.
 _REQUIRED = ("ram_train_bytes", "flops_per_s", "uplink_bps", "downlink_bps", "power_w", "availability")
-_OPTIONAL = ("description", "kind", "ram_total_bytes")
+_OPTIONAL = ("description", "kind", "ram_total_bytes", "memory_bytes_per_s")
 DEVICE_FIELDS = _REQUIRED + _OPTIONAL
 #: Fields a fleet entry may override per client.
 OVERRIDABLE = ("ram_train_bytes", "flops_per_s", "uplink_bps", "downlink_bps", "power_w", "availability",
-               "ram_total_bytes")
+               "ram_total_bytes", "memory_bytes_per_s")
 KINDS = ("sbc", "gpu_board", "phone", "mcu", "other")
 
 
@@ -73,6 +78,7 @@ class Device:
     description: str = ""
     kind: str = "other"
     ram_total_bytes: int | None = None
+    memory_bytes_per_s: float | None = None  # sustained memory bandwidth, BYTES/s (None: FLOPs-only time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +124,7 @@ def _check_field(where: str, key: str, value) -> Any:
                 f"{f}: must be an integer number of bytes, got {value!r}")
         require(value > 0, f"{f}: must be > 0 bytes, got {value}")
         return value
-    if key in ("flops_per_s", "uplink_bps", "downlink_bps", "power_w"):
+    if key in ("flops_per_s", "uplink_bps", "downlink_bps", "power_w", "memory_bytes_per_s"):
         require(_is_number(value), f"{f}: must be a number, got {value!r}")
         require(math.isfinite(value) and value > 0, f"{f}: must be a finite number > 0, got {value}")
         return float(value)
@@ -296,8 +302,33 @@ def default_fleet(n: int, seed: int = 0, include_mcu: bool = False,
 
 # -- simulated cost --------------------------------------------------------------------------------
 
-def compute_time_s(device: Device, flops: float) -> float:
-    return float(flops) / device.flops_per_s
+def compute_time_s(device: Device, flops: float, traffic: Mapping[str, Any] | None = None) -> float:
+    """Seconds of `flops` of training work on `device`.
+
+    With the memory traffic of the same work (a profile's `traffic` for one step and `flops` of
+    one step) and a device bandwidth, the roofline: per intensity bucket
+    max(flops / flops_per_s, bytes / memory_bytes_per_s), summed
+    (roofline_time_s). Without either: flops / flops_per_s."""
+    if not traffic or not traffic.get("bucket_bytes") or device.memory_bytes_per_s is None:
+        return float(flops) / device.flops_per_s
+    return roofline_time_s(float(flops), traffic, device.flops_per_s, device.memory_bytes_per_s)
+
+
+def roofline_time_s(total_flops: float, traffic: dict, flops_per_s: float, bytes_per_s: float) -> float:
+    """Seconds of a step on a device with sustained `flops_per_s` and memory `bytes_per_s`.
+
+    Per intensity bucket max(flops / F, bytes / B), summed; the step's FLOPs the op formulas do
+    not count (total_flops minus the buckets' sum: element-wise and analytic work) join bucket 0.
+    When every bucket is compute-bound this is exactly total_flops / F."""
+    flops = [float(v) for v in traffic["bucket_flops"]]
+    nbytes = [float(v) for v in traffic["bucket_bytes"]]
+    flops[0] += max(0.0, float(total_flops) - sum(flops))
+    return sum(max(f / flops_per_s, b / bytes_per_s) for f, b in zip(flops, nbytes))
+
+
+def ridge_point(flops_per_s: float, bytes_per_s: float) -> float:
+    """FLOPs per byte above which an op is compute-bound on this device."""
+    return flops_per_s / bytes_per_s if bytes_per_s > 0 else math.inf
 
 
 def comm_time_s(device: Device, bytes_up: float, bytes_down: float) -> float:
@@ -305,12 +336,13 @@ def comm_time_s(device: Device, bytes_up: float, bytes_down: float) -> float:
     return float(bytes_up) * 8.0 / device.uplink_bps + float(bytes_down) * 8.0 / device.downlink_bps
 
 
-def device_time_s(device: Device, flops: float, bytes_up: float, bytes_down: float) -> float:
-    """Simulated wall time of one update on `device`:
-    flops / flops_per_s + bytes_up*8 / uplink_bps + bytes_down*8 / downlink_bps (bytes -> bits)."""
+def device_time_s(device: Device, flops: float, bytes_up: float, bytes_down: float,
+                  traffic: Mapping[str, Any] | None = None) -> float:
+    """Simulated wall time of one update on `device`: compute_time_s (flops / flops_per_s, or the
+    roofline with `traffic`) + bytes_up*8 / uplink_bps + bytes_down*8 / downlink_bps (bytes -> bits)."""
     for name, value in (("flops", flops), ("bytes_up", bytes_up), ("bytes_down", bytes_down)):
         require(_is_number(value) and value >= 0, f"{name}: must be a number >= 0, got {value!r}")
-    return compute_time_s(device, flops) + comm_time_s(device, bytes_up, bytes_down)
+    return compute_time_s(device, flops, traffic) + comm_time_s(device, bytes_up, bytes_down)
 
 
 def energy_j(device: Device, compute_s: float, comm_s: float) -> float:

@@ -124,6 +124,21 @@ def server_flops_per_step(cfg: RunConfig):
     return per_step
 
 
+def server_traffic_per_step(cfg: RunConfig):
+    """Memory traffic of one step (the profile's `traffic`) of the setting a line says it ran, for
+    the virtual clock's roofline; None where server_flops_per_step gives None."""
+    from fedpeft.fleet.budget import all_candidates, step_cost
+
+    allowed = all_candidates(cfg)
+    num_classes = setup.task_for(cfg).num_classes
+
+    def per_step(rec: dict) -> dict | None:
+        key = (rec.get("method"), rec.get("rank") if rec.get("method") in RANKED else None, rec.get("batch_size"))
+        return step_cost(cfg, key[0], key[1], key[2], num_classes).traffic if key in allowed else None
+
+    return per_step
+
+
 def _examples_cap(cfg: RunConfig):
     """The most examples a client may claim: the configured cap, else its partition size x local epochs."""
     sizes: dict[int, int] = {}
@@ -152,7 +167,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     template_adapter = setup.attach(cfg, home, cfg.rank, calibration=None)
     template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
     clock = FleetClock(cfg, setup.fleet_for(cfg), now_s=checkpoint.get("clock_s", 0.0) if checkpoint else 0.0,
-                       flops_per_step=server_flops_per_step(cfg))
+                       flops_per_step=server_flops_per_step(cfg), traffic_per_step=server_traffic_per_step(cfg))
     strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter),
                              examples_cap=_examples_cap(cfg), clock=clock)
     nodes = wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)

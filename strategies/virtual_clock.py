@@ -46,9 +46,11 @@ class Conditions:
 
 
 class FleetClock:
-    def __init__(self, cfg: RunConfig, fleet: list[ClientSpec], now_s: float = 0.0, flops_per_step=None):
+    def __init__(self, cfg: RunConfig, fleet: list[ClientSpec], now_s: float = 0.0, flops_per_step=None,
+                 traffic_per_step=None):
         """`flops_per_step(rec)`: the server's FLOPs of one step of the setting a line reports, None
-        for a setting it will not profile (strategies.server_app.server_flops_per_step)."""
+        for a setting it will not profile (strategies.server_app.server_flops_per_step);
+        `traffic_per_step(rec)`: that step's memory traffic, for the roofline (None: FLOPs only)."""
         self.cfg = cfg
         self.devices: dict[int, Device] = {spec.client_id: spec.device for spec in fleet}
         if cfg.trace == "off":
@@ -58,6 +60,7 @@ class FleetClock:
         self.now_s = now_s
         self.real: set[int] = set()  # clients on real boards: their own clock
         self.flops_per_step = flops_per_step  # None: the clients' own figures (tests, tools)
+        self.traffic_per_step = traffic_per_step
         self.sent: dict[int, Conditions] = {}  # this round's conditions, by client id
 
     def identify(self, known_nodes: dict[int, dict]) -> None:
@@ -108,7 +111,8 @@ class FleetClock:
             rec.update(status="rejected", error=f"setting {rec.get('chosen') or rec.get('method')!r} is not one this "
                                                 "run's budget walk can choose")
             return self._trusted(rec)
-        return {**rec, "flops_per_step": server_flops or 0.0}
+        traffic = self.traffic_per_step(rec) if self.traffic_per_step is not None and server_flops else None
+        return {**rec, "flops_per_step": server_flops or 0.0, "traffic_per_step": traffic}
 
     def settle(self, lines: list[dict]) -> dict:
         """Settle the round's lines (replies, and the `unavailable` lines of clients not asked) in

@@ -109,23 +109,27 @@ def test_train_config_conditions_out_of_range_are_refused():
 
 def test_the_clock_uses_the_servers_flops_not_the_clients_claim(tmp_path):
     """A client that reports 1 FLOP a step still takes its setting's profiled time on the clock."""
-    from strategies.server_app import server_flops_per_step
+    from strategies.server_app import server_flops_per_step, server_traffic_per_step
     from strategies.virtual_clock import FleetClock
+    from fedpeft.devices import compute_time_s
     from fedpeft.fleet import setup
 
     cfg = clock_config(tmp_path, trace="off")
-    per_step = server_flops_per_step(cfg)
-    clock = FleetClock(cfg, setup.fleet_for(cfg), flops_per_step=per_step)
+    per_step, traffic = server_flops_per_step(cfg), server_traffic_per_step(cfg)
+    clock = FleetClock(cfg, setup.fleet_for(cfg), flops_per_step=per_step, traffic_per_step=traffic)
     cond = clock.conditions(3, 1)
     line = {"round": 1, "client_id": 3, "status": "ok", "method": "lora", "rank": 4, "batch_size": 32, "steps": 8,
             "flops": {"total": 8}, "flops_per_step": 1, "bytes_up": 1000, "bytes_down": 1000}
     fields = clock.settle([line])
     profiled = per_step(line)
     assert profiled > 1e8 and cond.to_config()["sim-jitter"] == 1.0
-    assert line["compute_s"] == pytest.approx(8 * profiled / 1.0e8)  # client 3: 0.1 GFLOP/s
+    board = setup.fleet_for(cfg)[3].device  # client 3: 0.1 GFLOP/s; the roofline of the server's FLOPs and traffic
+    assert traffic(line)["total"] > 0 and board.memory_bytes_per_s
+    assert line["compute_s"] == pytest.approx(8 * compute_time_s(board, profiled, traffic(line)))
+    assert line["compute_s"] >= 8 * profiled / 1.0e8 * (1 - 1e-9)
     assert line["status"] == "straggler" and fields["sim_time_s"] == pytest.approx(DEADLINE_S)
     # a setting the budget walk would never pick is not profiled on the server's dime
-    assert per_step({**line, "batch_size": 10**9}) is None
+    assert per_step({**line, "batch_size": 10**9}) is None and traffic({**line, "batch_size": 10**9}) is None
 
 
 def test_over_selection_samples_more_and_keeps_the_first_to_finish(tmp_path):

@@ -3,7 +3,8 @@
 A client-round runs three phases back to back on the clock: download the global adapter, train
 `steps` local steps, upload the delta. Each phase's nominal time comes from fedpeft.devices (the
 same formulas as the cost log); a REDS compute fraction (< 1: the device lends only part of its
-FLOP/s this round) stretches the compute phase, and a jitter factor stretches all three phases
+FLOP/s this round) stretches the compute phase (a step's time: the roofline of its FLOPs and memory traffic where
+the profile's traffic is known, see fedpeft.devices.compute_time_s), and a jitter factor stretches all three phases
 (the device or its link is slower this round). Energy stays power_w x busy seconds.
 
 `settle_round` is what the server waits for. Per sampled client, in this order:
@@ -76,9 +77,13 @@ class ClientTiming:
 
 
 def client_timing(device: Device, flops_per_step: float, steps: int, bytes_down: float, bytes_up: float, *,
-                  compute_fraction: float = 1.0, jitter: float = 1.0) -> ClientTiming:
+                  compute_fraction: float = 1.0, jitter: float = 1.0,
+                  traffic_per_step: Mapping | None = None) -> ClientTiming:
     """Phases of one client-round on `device`: download and upload over its link rates, `steps` x
-    `flops_per_step` over its sustained FLOP/s x `compute_fraction`; every phase x `jitter`."""
+    one step's compute time over `compute_fraction`; every phase x `jitter`. A step's compute time
+    is fedpeft.devices.compute_time_s: the roofline of `flops_per_step` and the step's memory
+    traffic (the profile's `traffic`) where both it and the device's bandwidth are known, else
+    flops_per_step / flops_per_s."""
     require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
             f"steps: must be an integer >= 0, got {steps!r}")
     for name, value in (("flops_per_step", flops_per_step), ("bytes_down", bytes_down), ("bytes_up", bytes_up)):
@@ -87,8 +92,14 @@ def client_timing(device: Device, flops_per_step: float, steps: int, bytes_down:
             f"compute_fraction: must be in (0, 1], got {compute_fraction!r}")
     require(_finite(jitter) and jitter > 0, f"jitter: must be a finite number > 0, got {jitter!r}")
     return ClientTiming(download_s=comm_time_s(device, 0, bytes_down) * jitter,
-                        compute_s=compute_time_s(device, flops_per_step * steps) / compute_fraction * jitter,
+                        compute_s=_compute_s(device, flops_per_step, steps, traffic_per_step) / compute_fraction * jitter,
                         upload_s=comm_time_s(device, bytes_up, 0) * jitter, steps=steps)
+
+
+def _compute_s(device: Device, flops_per_step: float, steps: int, traffic_per_step: Mapping | None) -> float:
+    if traffic_per_step:  # the roofline is per step: one step's time x steps
+        return compute_time_s(device, flops_per_step, traffic_per_step) * steps
+    return compute_time_s(device, flops_per_step * steps)
 
 
 def jitter_factor(seed: int, client_id: int, server_round: int, sigma: float) -> float:
@@ -130,14 +141,16 @@ def plan_from_record(rec: dict, device: Device, *, compute_fraction: float = 1.0
     """The plan of a clients.jsonl line (strategies.adapter_fedavg.client_record): FLOPs per step as
     the client reports them (`flops_per_step`), else its round FLOPs over the steps it trained;
     steps: `steps_planned` where a client that cut its steps for the deadline logs it (so settling
-    marks it `partial`), else `steps`; bytes; status. A line without steps or FLOPs (a client that
-    died) plans no compute."""
+    marks it `partial`), else `steps`; bytes; status; the step's memory traffic where the line
+    carries it (`traffic_per_step`, set by the server from its own profile). A line without steps
+    or FLOPs (a client that died) plans no compute."""
     trained = int(rec.get("steps") or 0)
     steps = int(rec.get("steps_planned") or trained)
     total_flops = float((rec.get("flops") or {}).get("total") or 0)
     per_step = float(rec.get("flops_per_step") or (total_flops / trained if trained else 0.0))
     timing = client_timing(device, per_step, steps, rec.get("bytes_down") or 0,
-                           rec.get("bytes_up") or 0, compute_fraction=compute_fraction, jitter=jitter)
+                           rec.get("bytes_up") or 0, compute_fraction=compute_fraction, jitter=jitter,
+                           traffic_per_step=rec.get("traffic_per_step") if per_step else None)
     return ClientPlan(int(rec["client_id"]), device, timing, int(rec.get("bytes_down") or 0),
                       int(rec.get("bytes_up") or 0), str(rec.get("status") or "ok"))
 

@@ -6,7 +6,8 @@
 
 The profile runs the method's real training step on random data (its adapter, its optimizer,
 GaLore's projector included): one warm-up step so the optimizer state exists, one step under
-torch's MemTracker (memory.py), one under FlopCounterMode (flops.py). Results are cached
+torch's MemTracker (memory.py), one under FlopCounterMode (flops.py), one under
+TrafficMode (traffic.py: bytes each aten op moves, for the roofline). Results are cached
 (cache.py): a repeated query returns from an in-memory dict, or from a JSON file on disk.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedpeft.errors import UsageError, choice, require
 from fedpeft.profiling.cache import ProfileCache, cache_key, default_cache_dir, get_cache
 from fedpeft.profiling.flops import CONVENTIONS, count_step_flops
 from fedpeft.profiling.memory import CATEGORIES, measure_step_memory
+from fedpeft.profiling.traffic import count_step_traffic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTRACT_KEYS = ("model", "method", "params_total", "params_trainable", "payload_bytes", "memory", "flops")
@@ -52,6 +54,7 @@ class StepCost:
     torch_version: str = ""
     cached: bool = False
     realised_density: float | None = None  # TaskEdge: the mask's true share of its target weights
+    traffic: dict = field(default_factory=dict)  # bytes moved: forward, backward, optimizer, total (+ buckets)
 
     @property
     def peak_bytes(self) -> int:
@@ -81,6 +84,7 @@ class StepCost:
             "profile_seconds": self.profile_seconds,
             "cached": self.cached,
             **({"realised_density": self.realised_density} if self.realised_density is not None else {}),
+            "traffic": copy.deepcopy(self.traffic),
         }
 
 
@@ -210,7 +214,7 @@ def _cost_from_record(record: dict, convention: str, cached: bool) -> StepCost:
         num_classes=record["num_classes"], dtype=record["dtype"],
         flops_by_convention=record["flops_by_convention"], flops_detail=record.get("flops_detail", {}),
         profile_seconds=record["profile_seconds"], torch_version=record["torch_version"], cached=cached,
-        realised_density=record.get("realised_density"),
+        realised_density=record.get("realised_density"), traffic=record.get("traffic", {}),
     )
 
 
@@ -241,6 +245,8 @@ def _profile(model_name: str, method, input_size: int, batch_size: int, num_clas
             counted = count_step_flops(adapter.model, optimizer, x, y, convention=convention)
             flops[convention] = counted.to_dict()
             detail[convention] = counted.detail
+        adapter.train_mode()
+        traffic = count_step_traffic(adapter.model, optimizer, x, y)
         params_total = sum(p.numel() for p in adapter.model.parameters())
         record = {
             "model": model_name,
@@ -251,6 +257,7 @@ def _profile(model_name: str, method, input_size: int, batch_size: int, num_clas
             "memory": memory.to_dict(),
             "flops_by_convention": flops,
             "flops_detail": detail,
+            "traffic": traffic.to_dict(),
             "hparams": {k: v for k, v in method.hparams().items() if k != "method"},
             "input_size": input_size,
             "batch_size": batch_size,

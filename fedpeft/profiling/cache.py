@@ -23,7 +23,8 @@ from pathlib import Path
 #: 2: DoRA's weight-norm FLOPs counted; library versions in the key.
 #: 3: TaskEdge allocates one global budget (fewer entries at low density); realised_density stored.
 #: 4: TaskEdge's backward computes the gradient only at the mask (no dense weight gradient).
-SCHEMA_VERSION = 4
+#: 5: memory traffic per step (`traffic`: bytes by phase and by arithmetic-intensity bucket).
+SCHEMA_VERSION = 5
 
 
 def default_cache_dir() -> Path:

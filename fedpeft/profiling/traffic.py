@@ -1,0 +1,150 @@
+"""Memory traffic of one training step, per aten op, and its split by arithmetic intensity.
+
+FLOPs alone mispredict step time: a depthwise conv, a BatchNorm or an optimizer update moves far
+more bytes per FLOP than a dense conv, so it runs at the memory's pace, not the ALUs'. This
+module counts, for every aten op the step dispatches (forward, backward, optimizer), the bytes it
+moves: every tensor it reads (inputs) plus every tensor it writes (outputs), each counted
+numel x element size (an expanded input, stride 0, counts its distinct elements once). Ops that
+only make a view (`OpOverload.is_view`: view, t, transpose, expand, ...) and `detach` move
+nothing and count 0. An in-place op (`add_`) reads and writes its target, so counts it twice.
+Caches are ignored: this is the traffic a device with no cache reuse between ops would see.
+
+A device turns (FLOPs, bytes) into time with the roofline, per op:
+
+    time = max(flops / F, bytes / B)
+
+F: the device's sustained FLOP/s, B: its memory bandwidth. The ridge point F / B differs per
+device, so the profile cannot store per-op times; it stores the step's FLOPs and bytes summed
+per *intensity bucket* (ops grouped by FLOPs per byte, buckets a factor 2 wide, INTENSITY_EDGES).
+`roofline_time_s` applies max() per bucket, which equals the per-op sum except for ops in the one
+bucket that straddles the ridge (there it errs by less than a factor 2 on that bucket's ops).
+The FLOPs an op's formula does not count (element-wise work, FlopCounterMode counts matmul/conv
+only) sit in bucket 0 with intensity 0: they take bytes / B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+from fedpeft.devices import roofline_time_s  # noqa: F401  (the device side of the roofline)
+from fedpeft.profiling.flops import conv_backward_flop_exact
+
+aten = torch.ops.aten
+
+#: Lower edges of the intensity buckets, FLOPs per byte: bucket 0 holds intensity < 1/64 (and
+#: every op without counted FLOPs), bucket i >= 1 holds [EDGES[i], EDGES[i+1]). Factor 2 apart.
+INTENSITY_EDGES = (0.0,) + tuple(2.0 ** k for k in range(-6, 11))
+PHASES = ("forward", "backward", "optimizer")
+_NO_TRAFFIC = {aten.detach.default, aten.alias.default, aten.lift_fresh.default}
+_FLOPS = {**flop_registry, aten.convolution_backward: shape_wrapper(conv_backward_flop_exact)}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements `t` addresses: numel x element size, a broadcast (stride-0) dim once."""
+    if t.layout != torch.strided:
+        return 0
+    distinct = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            distinct *= size
+    return distinct * t.element_size() if t.numel() else 0
+
+
+def op_bytes(args, kwargs, out) -> int:
+    """Bytes one op moves: every tensor argument read plus every tensor result written."""
+    flat_in, _ = tree_flatten((args, kwargs))
+    flat_out, _ = tree_flatten(out)
+    return sum(tensor_bytes(t) for t in flat_in + flat_out if isinstance(t, torch.Tensor))
+
+
+def bucket_of(flops: float, nbytes: float) -> int:
+    """Index of the intensity bucket of an op with these FLOPs and bytes."""
+    if flops <= 0 or nbytes <= 0:
+        return 0 if flops <= 0 else len(INTENSITY_EDGES) - 1
+    intensity = flops / nbytes
+    for i in range(len(INTENSITY_EDGES) - 1, 0, -1):
+        if intensity >= INTENSITY_EDGES[i]:
+            return i
+    return 0
+
+
+class TrafficMode(TorchDispatchMode):
+    """Counts bytes and (matmul/conv) FLOPs of every aten op run under it, by phase and bucket.
+
+    Set `phase` before each part of the step ("forward", "backward", "optimizer")."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.bytes = {p: 0 for p in PHASES}
+        self.flops = {p: 0 for p in PHASES}
+        self.ops = {p: 0 for p in PHASES}
+        self.bucket_flops = [0] * len(INTENSITY_EDGES)
+        self.bucket_bytes = [0] * len(INTENSITY_EDGES)
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _NO_TRAFFIC or getattr(func, "is_view", False):
+            return out
+        nbytes = op_bytes(args, kwargs, out)
+        formula = _FLOPS.get(func._overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        self.bytes[self.phase] += nbytes
+        self.flops[self.phase] += flops
+        self.ops[self.phase] += 1
+        b = bucket_of(flops, nbytes)
+        self.bucket_flops[b] += flops
+        self.bucket_bytes[b] += nbytes
+        name = str(func._overloadpacket.__name__)
+        self.by_op[name] = self.by_op.get(name, 0) + nbytes
+        return out
+
+
+@dataclass
+class StepTraffic:
+    forward: int
+    backward: int
+    optimizer: int
+    ops: int = 0
+    #: FLOPs and bytes per intensity bucket (INTENSITY_EDGES); FLOPs: what the op formulas count
+    bucket_flops: list = field(default_factory=list)
+    bucket_bytes: list = field(default_factory=list)
+    by_op: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward + self.optimizer
+
+    def to_dict(self) -> dict:
+        """The profile's `traffic` object (bytes), with the buckets the roofline needs."""
+        return {"forward": int(self.forward), "backward": int(self.backward), "optimizer": int(self.optimizer),
+                "total": int(self.total), "ops": int(self.ops),
+                "intensity_edges": list(INTENSITY_EDGES),
+                "bucket_flops": [int(v) for v in self.bucket_flops],
+                "bucket_bytes": [int(v) for v in self.bucket_bytes]}
+
+
+def count_step_traffic(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                       targets: torch.Tensor, loss_fn: Callable = nn.functional.cross_entropy) -> StepTraffic:
+    """Run one training step (zero_grad, forward + loss, backward, optimizer step) under TrafficMode.
+
+    Run a warm-up step first so the optimizer state exists (its first step allocates it)."""
+    optimizer.zero_grad(set_to_none=True)
+    mode = TrafficMode()
+    with mode:
+        loss = loss_fn(model(inputs), targets)
+        mode.phase = "backward"
+        loss.backward()
+        mode.phase = "optimizer"
+        optimizer.step()
+    return StepTraffic(mode.bytes["forward"], mode.bytes["backward"], mode.bytes["optimizer"],
+                       ops=sum(mode.ops.values()), bucket_flops=mode.bucket_flops,
+                       bucket_bytes=mode.bucket_bytes, by_op=dict(mode.by_op))
