@@ -76,6 +76,7 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
 
     from fedpeft.fleet.runlog import check_out_dir, check_same_run
     from strategies.run_loop import STOP
+    from fedpeft.fleet import flower_workarounds
     from strategies import run_timings
 
     started = time.perf_counter()
@@ -97,6 +98,7 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
         logging.getLogger("flwr").addFilter(_not_the_run_simulation_notice)
     STOP.clear()
     previous = _stop_on_sigint(STOP)
+    flower_workarounds.apply()  # Flower's per-node message scan is quadratic in the fleet's size
     driver["simulation_start_unix"] = time.time()
     try:
         run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
