@@ -108,7 +108,9 @@ class RoundLog:
 
     def __init__(self, cfg: RunConfig, node_config: dict, arrays_in: ArrayRecord, server_round: int,
                  conditions: Conditions | None = None):
-        self.start = time.perf_counter()
+        self.start = self._lap = time.perf_counter()
+        self.started_unix = time.time()
+        self.timings: dict[str, float] = {}  # seconds per phase of this round (lap), sent as t.<phase>_s
         # Threads: in the simulation Ray sets OMP_NUM_THREADS to the client's CPUs; a real board uses all its cores.
         self.client_id, self.device = device_for(cfg, node_config)
         self.requested = requested_method(cfg, node_config, self.client_id)
@@ -122,8 +124,18 @@ class RoundLog:
                         "bytes_up": 0, "ram_budget_bytes": int(self.device.ram_train_bytes), "examples": 0,
                         "steps": 0, "rank": 0, "batch_size": 0, "num-examples": 0}
 
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap (or the start) to `phase`: cheap timers that let the
+        overhead benchmark (experiments/benchmarks/sim_overhead.py) split a client round."""
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self._lap
+        self._lap = now
+
     def finish(self, arrays: ArrayRecord, flops: dict | None = None, traffic: dict | None = None) -> ClientReply:
         """Close the round: FLOPs (totals for the round), simulated device time and energy, wall time."""
+        self.lap("upload" if "train" in self.timings else "other")
+        self.metrics.update({f"t.{phase}_s": seconds for phase, seconds in self.timings.items()})
+        self.metrics["t.started_unix"] = self.started_unix
         flops = {k: int(v) for k, v in (flops or {}).items()}
         compute_s = compute_time_s(self.device, flops.get("total", 0))
         if traffic and self.metrics.get("steps") and self.metrics.get("flops_per_step"):  # the roofline, per step
@@ -194,6 +206,7 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     if setting.adapted:
         info["chosen"] += f" (adapted from {cfg.method}{f' r={cfg.rank}' if cfg.rank else ''} batch={cfg.batch_size})"
     metrics.update(rank=setting.rank or 0, batch_size=setting.batch_size, **_memory_metrics(setting))
+    log.lap("lookup")
     if setting.status != "ok":
         info.update(status="over_budget", error=setting.reason)
         return log.finish(ArrayRecord())
@@ -227,8 +240,10 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
     if cfg.round_deadline_s > 0 and cfg.straggler_policy == "partial":
         planned, max_steps = steps_for_deadline(cfg, log, setting, adapter, len(data.labels))
         metrics["steps_planned"] = planned
+    log.lap("build")
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
                    max_steps=max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
+    log.lap("train")
     delta = adapter.delta()
     if cfg.fedbn:
         _save_local_bn(cfg, adapter, delta, client_id)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -100,15 +101,20 @@ def roll_call(grid: Grid, nodes: Iterable[int], timeout_s: float) -> dict[int, d
 
 def run_rounds(grid: Grid, strategy, first_round: int, arrays: ArrayRecord,
                end_round: Callable[[int], None],
-               on_reply: Callable[[Message], None] | None = None) -> ArrayRecord:
+               on_reply: Callable[[Message], None] | None = None,
+               phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()) -> ArrayRecord:
     """Rounds `first_round`..cfg.rounds: sample, send, collect, aggregate, then `end_round(round)`
-    (evaluation, logs, checkpoint). Returns the final global adapter record."""
+    (evaluation, logs, checkpoint). `phase(name)` times each step (strategies/run_timings.py).
+    Returns the final global adapter record."""
     cfg = strategy.cfg
     for server_round in range(first_round, cfg.rounds + 1):
-        wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
-        replies, missing = exchange(grid, messages, cfg.round_timeout_s, on_reply)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies, missing)
+        with phase("configure"):
+            wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
+        with phase("exchange"):
+            replies, missing = exchange(grid, messages, cfg.round_timeout_s, on_reply)
+        with phase("aggregate"):
+            new_arrays, _ = strategy.aggregate_train(server_round, replies, missing)
         if new_arrays is not None:
             arrays = new_arrays
         end_round(server_round)

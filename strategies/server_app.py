@@ -28,6 +28,7 @@ from fedpeft.fleet.config import AUTO
 from strategies.adapter_fedavg import AdapterFedAvg
 from strategies.aggregation import client_upload
 from strategies.run_loop import exchange, roll_call, run_rounds, wait_for_nodes
+from strategies.run_timings import RunTimings
 from strategies.mixed import MixedFleet
 from strategies.virtual_clock import FleetClock
 
@@ -43,6 +44,12 @@ def evaluate_global(cfg: RunConfig, global_delta: dict, method: str | None = Non
     test = setup.task_for(cfg).target_test
     result = evaluate(adapter.model, test.images, test.labels)
     return result.accuracy, result.loss
+
+
+def evaluates(cfg: RunConfig, server_round: int) -> bool:
+    """Whether the server evaluates the global model after `server_round`: the last round always,
+    else every `evaluate_every`-th round (round 0, the pre-trained model, included); 0: the last only."""
+    return server_round >= cfg.rounds or (cfg.evaluate_every > 0 and server_round % cfg.evaluate_every == 0)
 
 
 def _taskedge_numels(adapter) -> dict[str, int] | None:
@@ -162,16 +169,22 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         check_same_run(cfg.out, cfg.to_dict())
         checkpoint = load_checkpoint(cfg.out)
     log = RunLog(cfg.out, cfg.to_dict(), keep_lines=checkpoint["lines"] if checkpoint else None)
-    setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
+    timings = RunTimings(log.dir, append=bool(checkpoint))
+    timings.mark("server_start")
+    with timings.phase("pretrain"):
+        setup.checkpoint_for(cfg, log=lambda m: print(m, file=sys.stderr))  # pre-train once (cached)
     home = "fft" if cfg.method == AUTO else cfg.method  # auto: the weight-space state's own form
-    template_adapter = setup.attach(cfg, home, cfg.rank, calibration=None)
+    with timings.phase("build"):
+        template_adapter = setup.attach(cfg, home, cfg.rank, calibration=None)
     template = client_upload(cfg, template_adapter.delta(), template_adapter.model)
     clock = FleetClock(cfg, setup.fleet_for(cfg), now_s=checkpoint.get("clock_s", 0.0) if checkpoint else 0.0,
                        flops_per_step=server_flops_per_step(cfg), traffic_per_step=server_traffic_per_step(cfg))
     strategy = AdapterFedAvg(cfg, log, {}, template, numels=_taskedge_numels(template_adapter),
                              examples_cap=_examples_cap(cfg), clock=clock)
-    nodes = wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
-    strategy.known_nodes = roll_call(grid, nodes, cfg.round_timeout_s)
+    with timings.phase("wait_for_nodes"):
+        nodes = wait_for_nodes(grid, cfg.sample_size, cfg.round_timeout_s)
+    with timings.phase("roll_call"):
+        strategy.known_nodes = roll_call(grid, nodes, cfg.round_timeout_s)
     clock.identify(strategy.known_nodes)
     strategy.predict = form_predictor(cfg, clock)
     done = checkpoint["round"] if checkpoint else -1
@@ -183,13 +196,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         """Evaluate, log the round, save the global adapter and the checkpoint (in that order: a
         checkpoint only ever covers lines already written)."""
         global_delta = strategy.global_delta
-        if strategy.mixed is not None:  # the fleet's model: pre-trained + the weight-space state
-            accuracy, loss = evaluate_global(cfg, strategy.mixed.evaluation_delta(), "fft")
-        else:
-            accuracy, loss = evaluate_global(cfg, global_delta)
+        accuracy = loss = None  # a round the server does not evaluate (evaluate_every) logs nulls
+        with timings.phase("evaluate"):
+            if evaluates(cfg, server_round) and strategy.mixed is not None:  # pre-trained + the weight-space state
+                accuracy, loss = evaluate_global(cfg, strategy.mixed.evaluation_delta(), "fft")
+            elif evaluates(cfg, server_round):
+                accuracy, loss = evaluate_global(cfg, global_delta)
+        log_started = time.perf_counter()
         stats = strategy.round_stats.get(server_round, {})
         now = time.perf_counter()
-        log.round({"round": server_round, "accuracy": accuracy, "loss": loss,
+        log.round({"round": server_round, "accuracy": accuracy, "loss": loss, "evaluated": accuracy is not None,
                    "clients_sampled": stats.get("clients_sampled", 0),
                    **{k: stats.get(k, 0) for k in ("clients_ok", "clients_failed", "clients_over_budget",
                                                     "clients_unavailable", "clients_rejected", "clients_straggler",
@@ -205,9 +221,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         log.save_checkpoint(server_round, global_delta, clock_s=clock.now_s, mixed=strategy.mixed is not None)
         if server_round > 0:
             bar.update(1)
-        bar.set_postfix(acc=f"{accuracy:.3f}", ok=stats.get("clients_ok", 0), up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")
+        timings.current["log_s"] = time.perf_counter() - log_started
+        timings.flush("server", round=server_round)
+        bar.set_postfix(acc="-" if accuracy is None else f"{accuracy:.3f}", ok=stats.get("clients_ok", 0), up=f"{stats.get('bytes_up', 0) / 1e6:.2f}MB")
 
-    def on_reply(_msg) -> None:
+    def on_reply(msg) -> None:
+        timings.client(msg)
         last["replies"] += 1
         bar.set_postfix_str(f"round {bar.n + 1}: {last['replies']}/{cfg.per_round} clients", refresh=True)
 
@@ -219,16 +238,21 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         else:
             if cfg.method == AUTO:
                 strategy.mixed = MixedFleet(cfg)
-            strategy.global_delta = initial_state(grid, cfg, strategy, template_adapter, nodes)
+            with timings.phase("initial_state"):
+                strategy.global_delta = initial_state(grid, cfg, strategy, template_adapter, nodes)
+        timings.flush("setup")
+        if not checkpoint:
             end_round(0)
         initial = encode(strategy.global_delta)[0] if strategy.global_delta else ArrayRecord()
-        run_rounds(grid, strategy, done + 1 if checkpoint else 1, initial, end_round, on_reply)
+        run_rounds(grid, strategy, done + 1 if checkpoint else 1, initial, end_round, on_reply, timings.phase)
     finally:
         bar.close()
     from fedpeft.report import plot_run, summarize
 
-    summary = summarize(log.dir)
-    plot_run(log.dir, summary)
+    with timings.phase("report"):
+        summary = summarize(log.dir)
+        plot_run(log.dir, summary)
+    timings.flush("report")
     return summary
 
 

@@ -39,6 +39,15 @@ def test_verdict_can_fail():
     assert not fm.compare(fake_run(4), fake_run(40, survivors=[{"pid": 1}]))["ok"]
 
 
+def test_scale_verdict_checks_the_peak_and_the_wall_time():
+    small, large = fake_run(50) | {"wall_s": 100.0}, fake_run(1000) | {"wall_s": 129.0}
+    assert fm.compare_scale(small, large)["ok"] and fm.compare_scale(small, large)["ratio_wall"] == 1.29
+    slow = fm.compare_scale(small, large | {"wall_s": 131.0})
+    assert not slow["ok"] and "wall time" in slow["problems"][0]
+    big = fm.compare_scale(fake_run(50, tree_mib=3000) | {"wall_s": 100.0}, fake_run(1000, tree_mib=4096) | {"wall_s": 100.0})
+    assert not big["ok"] and "tree peak" in big["problems"][0]
+
+
 def test_sampler_sums_children_and_sees_them_go():
     hold = 100 * MIB
     child = subprocess.Popen([sys.executable, "-c", f"b = b'x' * {hold}; import time; time.sleep(60)"])

@@ -1,6 +1,6 @@
 """Peak memory of a simulated fleet as the number of virtual clients grows.
 
-    .venv/bin/python experiments/benchmarks/fleet_memory.py [--small] [--out runs/benchmarks/fleet_memory.json]
+    .venv/bin/python experiments/benchmarks/fleet_memory.py [--small | --scale] [--out runs/benchmarks/fleet_memory.json]
 
 Runs the same fleet configuration (mobilenet_v2_035, 10 clients sampled per round, 3 rounds)
 with 20 and with 200 virtual clients and compares the peak resident memory of the whole process
@@ -28,6 +28,10 @@ Summed RSS counts shared pages (libraries, Ray's object store) once per process 
 them, so it overstates the true footprint; it is the same overstatement at both sizes.
 
 --small: 4 vs 40 clients, 4 per round, 2 rounds (what tests/test_fleet_memory.py runs).
+--scale: 50 vs 1000 clients, 50 per round, 3 rounds (issue 11): the 1000-client tree must peak
+under 4 GiB and its wall time (run_fleet, from config to summary) stay within 1.3x of the
+50-client fleet's; both ratios are printed. With the default digits data a 1000-client fleet's
+partitions hold 1-2 examples (one small step each), the 50-client fleet's about 27.
 Writes a JSON file with both runs, the ratios and the verdict; exits 1 when a run did not
 complete, a process survived, or the tree peak grew by more than 1.5x.
 """
@@ -58,6 +62,9 @@ RESULT_PREFIX = "FLEET_MEMORY_RESULT "
 
 FULL = {"sizes": (20, 200), "clients_per_round": 10, "rounds": 3}
 SMALL = {"sizes": (4, 40), "clients_per_round": 4, "rounds": 2}
+SCALE = {"sizes": (50, 1000), "clients_per_round": 50, "rounds": 3}
+SCALE_PEAK_BYTES = 4 * 1024 ** 3  # the 1000-client tree's peak must stay under this
+SCALE_WALL_LIMIT = 1.3  # 1000-client wall time / 50-client wall time
 DEFAULTS = {"model": "mobilenet_v2_035", "pretrain_epochs": 1, "batch_size": 32}
 
 
@@ -294,11 +301,27 @@ def compare(small: dict, large: dict) -> dict:
             "within_limit": tree <= LIMIT, "ok": not problems, "problems": problems}
 
 
-def run_benchmark(small: bool, out: Path, runs_dir: Path | None = None, cache_dir: str = "",
+def compare_scale(small: dict, large: dict) -> dict:
+    """The scale case's verdict: compare()'s, plus the large tree's peak under SCALE_PEAK_BYTES and
+    the wall-time ratio within SCALE_WALL_LIMIT."""
+    out = compare(small, large)
+    wall = large["wall_s"] / small["wall_s"]
+    if large["peak_tree_rss_bytes"] >= SCALE_PEAK_BYTES:
+        out["problems"].append(f"{large['num_clients']} clients: tree peak {large['peak_tree_rss_bytes'] / MIB:.0f} MiB "
+                               f"(limit {SCALE_PEAK_BYTES / MIB:.0f} MiB)")
+    if wall > SCALE_WALL_LIMIT:
+        out["problems"].append(f"wall time grew {wall:.2f}x (limit {SCALE_WALL_LIMIT}x)")
+    out.update(ratio_wall=round(wall, 3), wall_limit=SCALE_WALL_LIMIT, peak_limit_bytes=SCALE_PEAK_BYTES,
+               ok=not out["problems"])
+    return out
+
+
+def run_benchmark(small: bool | str, out: Path, runs_dir: Path | None = None, cache_dir: str = "",
                   model: str = DEFAULTS["model"], pretrain_epochs: int = DEFAULTS["pretrain_epochs"],
                   batch_size: int = DEFAULTS["batch_size"], timeout_s: float = 1800.0, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    case = SMALL if small else FULL
+    name = small if isinstance(small, str) else ("small" if small else "full")
+    case = {"small": SMALL, "full": FULL, "scale": SCALE}[name]
     runs_dir = runs_dir or out.with_suffix("")
     started = time.perf_counter()
     t0 = time.perf_counter()
@@ -309,7 +332,7 @@ def run_benchmark(small: bool, out: Path, runs_dir: Path | None = None, cache_di
                for n in case["sizes"]]
     report = {
         "benchmark": "fleet_memory",
-        "case": "small" if small else "full",
+        "case": name,
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
                     "platform": platform.platform(), "python": platform.python_version()},
@@ -317,7 +340,7 @@ def run_benchmark(small: bool, out: Path, runs_dir: Path | None = None, cache_di
                    "pretrain_epochs": pretrain_epochs, "batch_size": batch_size, "sizes": list(case["sizes"]),
                    "sample_interval_s": 0.2},
         "runs": results,
-        **compare(results[0], results[-1]),
+        **(compare_scale if name == "scale" else compare)(results[0], results[-1]),
         "total_s": round(time.perf_counter() - started, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +364,11 @@ def table(report: dict) -> str:
     verdict = "yes" if report["within_limit"] else "NO"
     lines.append(f"ratio {large} vs {small} clients: tree {report['ratio_tree']:.2f}x, driver "
                  f"{report['ratio_driver']:.2f}x; tree within {report['limit']}x: {verdict}")
+    if "ratio_wall" in report:
+        large = report["runs"][-1]
+        lines.append(f"scale: {large['num_clients']} clients peak {large['peak_tree_rss_bytes'] / MIB:.0f} MiB "
+                     f"(limit {report['peak_limit_bytes'] / MIB:.0f}); wall {report['ratio_wall']:.2f}x of "
+                     f"{small} clients (limit {report['wall_limit']}x); tree memory {report['ratio_tree']:.2f}x")
     for problem in report["problems"]:
         lines.append(f"problem: {problem}")
     return "\n".join(lines)
@@ -349,6 +377,7 @@ def table(report: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="4 vs 40 clients, 4 per round, 2 rounds")
+    p.add_argument("--scale", action="store_true", help="50 vs 1000 clients, 50 per round, 3 rounds")
     p.add_argument("--out", default="runs/benchmarks/fleet_memory.json", help="JSON results file")
     p.add_argument("--runs-dir", default=None, help="run folders (default: --out without its suffix)")
     p.add_argument("--cache-dir", default="", help="pre-train cache (default $FEDPEFT_CACHE or ~/.cache/fedpeft)")
@@ -372,7 +401,7 @@ def main(argv=None) -> int:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     out = Path(args.out)
-    report = run_benchmark(args.small, out, Path(args.runs_dir) if args.runs_dir else None, args.cache_dir,
+    report = run_benchmark("scale" if args.scale else args.small, out, Path(args.runs_dir) if args.runs_dir else None, args.cache_dir,
                            model=args.model, pretrain_epochs=args.pretrain_epochs, batch_size=args.batch_size,
                            timeout_s=args.timeout)
     print(table(report))

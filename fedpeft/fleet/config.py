@@ -57,6 +57,7 @@ class RunConfig:
     upload_codec: str = "none"
     galore_upload: str = "factored"  # GaLore: each projected weight's round update as its two low-rank factors
     fleet: str = ""  # fleet TOML; "": a mixed default fleet of num_clients devices
+    evaluate_every: int = 1  # server evaluation after every this many rounds (round 0 too); the last round always; 0: the last only
     # robustness (strategies/robust.py): how updates are combined, and which are screened out first
     aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, unweighted)
     trim_fraction: float = 0.1  # trimmed_mean: share of clients cut at each end of every coordinate
@@ -124,6 +125,7 @@ class RunConfig:
             require(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
         require(1 <= self.severity <= 5, f"severity: must be 1-5, got {self.severity}")
         require(self.clients_per_round >= 0, f"clients_per_round: must be >= 0, got {self.clients_per_round}")
+        require(self.evaluate_every >= 0, f"evaluate_every: must be >= 0 rounds (0: the last round only), got {self.evaluate_every}")
         require(self.max_flops_per_round >= 0, f"max_flops_per_round: must be >= 0, got {self.max_flops_per_round}")
         require(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
         require(self.lr >= 0, f"lr: must be >= 0, got {self.lr}")

@@ -2,6 +2,7 @@
 adapter (seeded, so every client and the server start from the same adapter init)."""
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 import json
@@ -39,9 +40,32 @@ def checkpoint_for(cfg: RunConfig, log=None):
 
 
 def pretrained_model(cfg: RunConfig) -> torch.nn.Module:
+    """A fresh copy of the pre-trained model. Built (and the checkpoint read) once per process and
+    file version, then deep-copied: every virtual client a Ray worker runs needs the same model,
+    and a copy costs a fraction of a build. The global RNG is left exactly as a build leaves it
+    (the head of a checkpoint with fewer classes is drawn from it), so results do not depend on
+    whether the copy came from the cache."""
     task = task_for(cfg)
-    return build_model(cfg.model, num_classes=task.num_classes, input_size=cfg.input_size,
-                       checkpoint=checkpoint_for(cfg), seed=cfg.seed)
+    path = Path(checkpoint_for(cfg))
+    stat = path.stat()
+    template, rng_after_build = _pretrained_template(cfg.model, task.num_classes, cfg.input_size, str(path.resolve()),
+                                                     stat.st_mtime_ns, stat.st_size, cfg.seed)
+    torch.set_rng_state(rng_after_build)
+    return copy.deepcopy(template)
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained_template(model: str, num_classes: int, input_size: int, checkpoint: str, mtime_ns: int, size: int,
+                         seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(model, RNG state right after building it); callers only ever get deep copies of the model."""
+    built = build_model(model, num_classes=num_classes, input_size=input_size, checkpoint=checkpoint, seed=seed)
+    return built, torch.get_rng_state()
+
+
+def clear_caches() -> None:
+    """Forget every per-process cache of this module (tests; a long-lived process that wants memory back)."""
+    for cached in (_task, _pretrained_template, _fleet):
+        cached.cache_clear()
 
 
 def attach(cfg: RunConfig, method: str, rank: int | None, calibration: torch.Tensor | None) -> Adapter:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -75,7 +76,10 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
 
     from fedpeft.fleet.runlog import check_out_dir, check_same_run
     from strategies.run_loop import STOP
+    from fedpeft.fleet import flower_workarounds
+    from strategies import run_timings
 
+    started = time.perf_counter()
     cfg = resolved(cfg)
     check_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before anything slow starts
     if cfg.resume:
@@ -84,13 +88,18 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
     # Ray warns at every start that a future version stops overriding CUDA_VISIBLE_DEVICES when
     # num_gpus=0; opting into that behaviour now is what a CPU fleet wants anyway.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    pretrain_started = time.perf_counter()
     setup.checkpoint_for(cfg)  # pre-train before Ray starts, so every client finds it cached
+    driver = {"kind": "driver", "before_pretrain_s": pretrain_started - started,
+              "pretrain_s": time.perf_counter() - pretrain_started}
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*run_simulation.*")
         logging.getLogger("flwr").addFilter(_not_the_run_simulation_notice)
     STOP.clear()
     previous = _stop_on_sigint(STOP)
+    flower_workarounds.apply()  # Flower's per-node message scan is quadratic in the fleet's size
+    driver["simulation_start_unix"] = time.time()
     try:
         run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                        num_supernodes=cfg.num_clients, backend_name="ray", backend_config=backend_config(),
@@ -100,8 +109,12 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        driver["simulation_end_unix"] = time.time()
         if ray.is_initialized():
             ray.shutdown()
+        driver["ray_shutdown_s"] = time.time() - driver["simulation_end_unix"]
+        if (Path(cfg.out) / run_timings.FILE).is_file():  # timers for experiments/benchmarks/sim_overhead.py
+            run_timings.write_line(Path(cfg.out) / run_timings.FILE, driver)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
