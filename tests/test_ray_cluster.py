@@ -98,6 +98,12 @@ def test_simulation_runs_on_both_nodes_of_a_running_ray_cluster(tmp_path):
     (port, client_port) = free_ports(2)
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
+    out, cache = tmp_path / "run", tmp_path.parent / "fleet-cache"  # test_fleet's cache: its checkpoint
+    options = dict(model="mobilenet_v2_035", num_clients=4, rounds=1, pretrain_epochs=1, fleet=str(fleet),
+                   trace="off", out=str(out), cache_dir=str(cache))
+    from fedpeft.fleet import setup
+
+    setup.checkpoint_for(RunConfig(**options))  # pre-trained (or found cached) before the cluster starts
     try:
         start_node(temp, "--head", "--port", str(port), "--ray-client-server-port", str(client_port),
                    "--include-dashboard", "false")
@@ -105,12 +111,9 @@ def test_simulation_runs_on_both_nodes_of_a_running_ray_cluster(tmp_path):
         nodes = raylet_node_ids(temp)
         assert len(nodes) == 2
 
-        out = tmp_path / "run"
         cmd = [sys.executable, "-m", "fedpeft", "simulate", "--ray-address", f"127.0.0.1:{port}",
-               "--model", "mobilenet_v2_035", "--num-clients", "4", "--rounds", "1", "--pretrain-epochs", "1",
-               "--fleet", str(fleet), "--trace", "off", "--out", str(out),
-               "--cache-dir", str(tmp_path.parent / "fleet-cache")]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+               *(f"--{k.replace('_', '-')}={v}" for k, v in options.items())]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{port}" in done.stderr
 
