@@ -133,11 +133,16 @@ def test_memtracker_cuda_peak_matches_the_allocator_without_cudnn():
 @cuda
 def test_memtracker_cuda_peak_against_the_allocator_with_cudnn():
     """With cuDNN (what `fedpeft profile --device cuda` runs) its convolution workspaces are raw
-    allocator blocks, not tensors: MemTracker's peak can only be lower, and should stay close."""
+    allocator blocks, not tensors: MemTracker's peak may only be lower than the allocator's, and it
+    counts the same tensors as without cuDNN (the ratio printed is the workspaces' share)."""
     dev = torch.device("cuda", torch.cuda.current_device())
+    with torch.backends.cudnn.flags(enabled=False):
+        plain, _ = _tracker_and_allocator_peaks(dev)
     tracker, allocator = _tracker_and_allocator_peaks(dev)
-    print(f"cuDNN: MemTracker peak {tracker:,} B, allocator peak {allocator:,} B, ratio {tracker / allocator:.3f}")
-    assert 0.5 * allocator <= tracker <= 1.02 * allocator
+    print(f"cuDNN: MemTracker peak {tracker:,} B, allocator peak {allocator:,} B, ratio {tracker / allocator:.3f}; "
+          f"MemTracker without cuDNN {plain:,} B")
+    assert tracker <= 1.02 * allocator
+    assert abs(tracker / plain - 1) <= 0.10
 
 
 @cuda

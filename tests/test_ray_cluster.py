@@ -162,3 +162,25 @@ def test_client_gpus_without_cuda_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="^client_gpus: 0.5 GPUs per client, but torch sees no CUDA GPU"):
         check_ray_target(RunConfig(client_gpus=0.5, out=str(tmp_path / "run")))
+
+
+PRIVATE_RAY = """
+import json, time, psutil, ray
+from fedpeft.fleet.ray_local import keep_on_loopback
+from fedpeft.fleet.simulation import backend_config
+keep_on_loopback()  # what run_fleet does before Flower starts its private Ray
+ray.init(**{**backend_config(cpus=1)["init_args"]})
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up too
+me = psutil.Process()
+tree = {p.pid for p in me.children(recursive=True)} | {me.pid}
+print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.pid in tree and c.status == "LISTEN"})))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_private_ray_listens_on_loopback_only():
+    done = subprocess.run([sys.executable, "-c", PRIVATE_RAY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    addresses = json.loads(done.stdout.strip().splitlines()[-1])
+    assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses

@@ -117,7 +117,8 @@ def detail_table(r: dict) -> str:
     pct = 100 * r["params_trainable"] / max(1, r["params_total"])
     lines = [
         f"model / method    {r['model']} / {r['method']}  ({', '.join(f'{k}={v}' for k, v in r['hparams'].items())})",
-        f"input             batch {r['batch_size']} x 3 x {r['input_size']} x {r['input_size']}, {r['num_classes']} classes, {r['dtype']}",
+        f"input             batch {r['batch_size']} x 3 x {r['input_size']} x {r['input_size']}, {r['num_classes']} classes, {r['dtype']}"
+        f"{'' if r.get('device', 'cpu') == 'cpu' else ', on ' + r['device']}",
         f"parameters        {r['params_trainable']:,} trainable of {r['params_total']:,} ({pct:.2f}%)",
         f"payload           {r['payload_bytes']:,} B ({human_bytes(r['payload_bytes'])})",
         *([f"mask density      {r['realised_density']:.4%} realised ({r['hparams']['density']:.4%} requested)"]
