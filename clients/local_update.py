@@ -20,6 +20,7 @@ from fedpeft.fleet import setup
 from fedpeft.fleet.budget import Setting, choose_setting, step_cost
 from fedpeft.fleet.clock import client_timing, steps_within
 from fedpeft.fleet.config import RunConfig
+from fedpeft.fleet.placement import client_device, worker_node
 from fedpeft.methods.galore_upload import LEFT, RIGHT, factored_upload
 from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import decode, encode, record_bytes
@@ -119,7 +120,7 @@ class RoundLog:
             self.device = with_overrides(self.device, "sim-ram-train-bytes", ram_train_bytes=self.conditions.ram_train_bytes)
         self.bytes_down = record_bytes(arrays_in)
         self.info = {"device": self.device.name, "method": cfg.method, "status": "ok", "chosen": "", "adapted": False,
-                     "upload_codec": cfg.upload_codec, "error": ""}
+                     "upload_codec": cfg.upload_codec, "error": "", "worker_node": worker_node(), "train_device": "cpu"}
         self.metrics = {"client_id": self.client_id, "round": server_round, "bytes_down": self.bytes_down,
                         "bytes_up": 0, "ram_budget_bytes": int(self.device.ram_train_bytes), "examples": 0,
                         "steps": 0, "rank": 0, "batch_size": 0, "num-examples": 0}
@@ -241,8 +242,10 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
         planned, max_steps = steps_for_deadline(cfg, log, setting, adapter, len(data.labels))
         metrics["steps_planned"] = planned
     log.lap("build")
+    device = client_device(cfg)
+    info["train_device"] = str(device)
     result = train(adapter, data.images, data.labels, epochs=cfg.local_epochs, batch_size=setting.batch_size,
-                   max_steps=max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id)
+                   max_steps=max_steps, seed=cfg.seed * 100003 + server_round * 1009 + client_id, device=device)
     log.lap("train")
     delta = adapter.delta()
     if cfg.fedbn:

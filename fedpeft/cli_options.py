@@ -65,6 +65,14 @@ def method_hparams(args: argparse.Namespace) -> dict:
     }
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    from fedpeft.fleet.config import DEVICES
+
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
+                        help="where the training steps run: cpu, cuda (an error without a CUDA GPU), or auto "
+                             "(cuda when there is one) (default cpu)")
+
+
 def add_task(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
                         help="digits (offline, scikit-learn) or cifar10 (default digits)")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpeft.errors import require
+from fedpeft.errors import choice, require
+from fedpeft.fleet.config import DEVICES
 from fedpeft.methods.base import Adapter
 
 
@@ -30,6 +31,18 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' (an error when torch sees no CUDA GPU) or 'auto' (cuda when there is one)."""
+    choice("device", name, DEVICES)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        require(torch.cuda.is_available(), f"device: cuda requested, but torch sees no CUDA GPU (torch "
+                                           f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+                                           "use cpu or auto")
+    return torch.device(name)
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None):
@@ -66,16 +79,37 @@ def train(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     progress=None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train the adapter's model in place. `max_steps` caps the steps (a FLOP budget does that).
 
     `progress`, if given, is called as progress(step, total_steps, loss) after every step.
+    `device`, if given, is where the steps run: the model moves there and back to where it was at
+    the end (so its delta is read where it always is); batches follow the model.
     """
     require(len(labels) > 0, "data: no training examples")
     require(batch_size > 0, f"batch_size: must be > 0, got {batch_size}")
     require(epochs > 0, f"epochs: must be > 0, got {epochs}")
     bn_stats = adapter.trains_bn_stats
     require_bn_batches(adapter.method.name, bn_stats, len(labels), batch_size)
+    home = _device_of(adapter.model)
+    if device is not None:
+        require(optimizer is None, "train: pass either device or an optimizer built for the model's device")
+        adapter.model.to(device)  # before the optimizer, whose state follows its parameters
+    try:
+        return _train_steps(adapter, images, labels, epochs, batch_size, lr, max_steps, seed, optimizer, progress)
+    finally:
+        if device is not None:
+            adapter.model.to(home)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _train_steps(adapter, images, labels, epochs, batch_size, lr, max_steps, seed, optimizer, progress) -> TrainResult:
+    bn_stats = adapter.trains_bn_stats
+    device = _device_of(adapter.model)
     optimizer = optimizer or adapter.optimizer(lr=lr if lr is not None else adapter.method.lr)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = usable_batches(len(labels), batch_size, bn_stats)
@@ -87,6 +121,7 @@ def train(
         for x, y in batches(images, labels, batch_size, generator):
             if len(y) < 2 and bn_stats:
                 continue  # BatchNorm in train mode cannot normalise a batch of one
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = adapter.model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -112,8 +147,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     require(len(labels) > 0, "data: no evaluation examples")
     was_training = model.training
     model.eval()
+    device = _device_of(model)  # batches follow the model
     loss_sum, correct = 0.0, 0
     for x, y in batches(images, labels, batch_size, generator=None):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()

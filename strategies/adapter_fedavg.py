@@ -70,6 +70,9 @@ def client_record(msg: Message) -> dict:
     for key in ("steps_planned", "galore_dense_weights"):  # present only where they apply
         if key in m:
             rec[key] = int(m[key])
+    for key in ("worker_node", "train_device"):  # where it ran: the Ray node (host/node id), the torch device
+        if key in info:
+            rec[key] = str(info[key])[:200]
     if "start" in info:  # a mixed run: did the client start from the form the server sent?
         rec["start"] = str(info["start"])
     if rec["status"] not in CLIENT_STATUSES:

@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--export-peft", metavar="DIR", help="LoRA/DoRA: write the adapter in peft's format")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    cli_options.add_device(parser)
     parser.set_defaults(func=run)
 
 
@@ -25,9 +26,10 @@ def finetune(args) -> dict:
     from fedpeft.methods import make_method
     from fedpeft.models import build_model
     from fedpeft.pretrain import pretrained_checkpoint
-    from fedpeft.train import evaluate, require_bn_batches, train
+    from fedpeft.train import evaluate, require_bn_batches, resolve_device, train
 
     method = make_method(args.method, **cli_options.method_hparams(args))  # bad hyper-parameters fail before any work
+    device = resolve_device(args.device)  # no CUDA for --device cuda fails before any work too
     task = cli_options.task_from_args(args)
     target = task.target_train
     if args.batch_size < 2 or len(target) < 2:
@@ -41,7 +43,8 @@ def finetune(args) -> dict:
     model = build_model(args.model, num_classes=task.num_classes, input_size=args.input_size,
                         checkpoint=checkpoint, seed=args.seed)
     calibration = target.images[: min(64, len(target))]
-    adapter = method.attach(model, calibration=calibration)
+    adapter = method.attach(model, calibration=calibration)  # on the CPU: the same mask as a CPU run
+    adapter.model.to(device)  # evaluate and train follow the model
     before = evaluate(adapter.model, task.target_test.images, task.target_test.labels)
 
     def progress(step, total, loss):
@@ -54,6 +57,7 @@ def finetune(args) -> dict:
                    seed=args.seed, progress=progress)
     wall = time.perf_counter() - start
     after = evaluate(adapter.model, task.target_test.images, task.target_test.labels)
+    adapter.model.to("cpu")  # the delta and the peft export are read on the CPU
     if args.export_peft:
         if not hasattr(adapter, "export_peft"):
             from fedpeft.errors import UsageError

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedpeft import cli_options
 from fedpeft.cli_options import DENSITY_HELP, density, positive_float, positive_int
 from fedpeft.errors import UsageError
 
@@ -40,6 +41,7 @@ def register(subparsers) -> None:
                         help=f"also write one CSV row per (model, method); a matrix run writes ./{DEFAULT_MATRIX_CSV} without it")
     parser.add_argument("--cache-dir", help="profile cache (default $FEDPEFT_CACHE or ~/.cache/fedpeft)")
     parser.add_argument("--no-cache", action="store_true", help="profile again, neither reading nor writing the cache")
+    cli_options.add_device(parser)
     parser.set_defaults(func=run)
 
 
@@ -76,7 +78,8 @@ def run(args) -> int:
     for model in models:
         for method in methods:
             cost = profile_step(model, method, hparams, args.input_size, args.batch_size, args.num_classes,
-                                convention=args.flop_convention, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                                convention=args.flop_convention, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                device=args.device)
             results.append(cost.to_dict())
     csv_path = Path(args.csv) if args.csv else (Path(DEFAULT_MATRIX_CSV) if len(results) > 1 else None)
     if csv_path is not None:
@@ -114,7 +117,8 @@ def detail_table(r: dict) -> str:
     pct = 100 * r["params_trainable"] / max(1, r["params_total"])
     lines = [
         f"model / method    {r['model']} / {r['method']}  ({', '.join(f'{k}={v}' for k, v in r['hparams'].items())})",
-        f"input             batch {r['batch_size']} x 3 x {r['input_size']} x {r['input_size']}, {r['num_classes']} classes, {r['dtype']}",
+        f"input             batch {r['batch_size']} x 3 x {r['input_size']} x {r['input_size']}, {r['num_classes']} classes, {r['dtype']}"
+        f"{'' if r.get('device', 'cpu') == 'cpu' else ', on ' + r['device']}",
         f"parameters        {r['params_trainable']:,} trainable of {r['params_total']:,} ({pct:.2f}%)",
         f"payload           {r['payload_bytes']:,} B ({human_bytes(r['payload_bytes'])})",
         *([f"mask density      {r['realised_density']:.4%} realised ({r['hparams']['density']:.4%} requested)"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import (AGGREGATORS, BUDGET_POLICIES, CODECS, LORA_MODES, STRAGGLER_POLICIES,
+from fedpeft.fleet.config import (AGGREGATORS, BUDGET_POLICIES, CODECS, DEVICES, LORA_MODES, STRAGGLER_POLICIES,
                                   TASKEDGE_MASKS, RunConfig)
 
 # CLI flag -> RunConfig field, for the options most runs change.
@@ -20,6 +20,7 @@ FLAGS = {
     "aggregator": str, "clip_norm": float, "clip_median_multiple": float, "reject_norm_multiple": float,
     "round_timeout_s": float, "poison_clients": str,
     "trace": str, "round_deadline_s": float, "straggler_policy": str, "over_selection": float, "target_accuracy": float,
+    "ray_address": str, "client_cpus": float, "client_gpus": float, "device": str,
 }
 HELP = {
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
@@ -40,6 +41,11 @@ HELP = {
                         "train only the steps that fit",
     "over_selection": "sample (1 + this) x clients-per-round, keep the first clients-per-round to finish (0: off)",
     "target_accuracy": "accuracy for the time/energy/bytes-to-accuracy answers (0: 95%% of the run's best)",
+    "ray_address": "run on the Ray cluster whose head is HOST:PORT (e.g. 10.0.0.5:6379) instead of a private Ray "
+                   "(default: a private Ray on 127.0.0.1)",
+    "client_cpus": "Ray CPUs per virtual client (default 1)",
+    "client_gpus": "Ray GPUs per virtual client, a fraction allowed (default 0; needs CUDA or a cluster's GPUs)",
+    "device": f"one of {', '.join(DEVICES)}: where clients train; cuda needs --client-gpus > 0 (default cpu)",
 }
 
 

@@ -4,6 +4,7 @@ Python object in the in-process simulation. Keys may use '-' or '_'."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -20,6 +21,9 @@ WEIGHT_SPACE_METHODS = ("fft", "galore", "lora", "bn_head")
 AUTO = "auto"
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 STRAGGLER_POLICIES = ("drop", "partial")
+DEVICES = ("cpu", "cuda", "auto")  # where local training runs (fedpeft/train.py: resolve_device)
+#: a Ray head's HOST:PORT (IPv4, name or [IPv6])
+RAY_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:]+\]|[^\s:/\[\]]+):\d{1,5}")
 
 
 @dataclass
@@ -95,6 +99,11 @@ class RunConfig:
     cache_dir: str = ""
     resume: bool = False  # continue the run in `out` from its last checkpoint
     overwrite: bool = False  # allow a new run to replace the logs of a previous run in `out`
+    # where it runs (fedpeft/fleet/simulation.py): a running Ray cluster's head HOST:PORT ("": a private Ray)
+    ray_address: str = ""
+    client_cpus: float = 1.0  # Ray CPUs reserved per virtual client
+    client_gpus: float = 0.0  # Ray GPUs (a fraction allowed) per virtual client; > 0 needs CUDA or a cluster's GPUs
+    device: str = "cpu"  # local training: cpu | cuda | auto; clients use cuda only with client_gpus > 0
 
     def __post_init__(self) -> None:
         from fedpeft.data.corruptions import CORRUPTIONS
@@ -139,6 +148,14 @@ class RunConfig:
                                                 f"got {self.target_accuracy}")
         if self.trace and self.trace != "off":
             require(Path(self.trace).is_file(), f"trace: no such file {self.trace!r} (or \"off\", or \"\" to generate one)")
+        choice("device", self.device, DEVICES)
+        require(self.client_cpus > 0, f"client_cpus: must be > 0, got {self.client_cpus}")
+        require(self.client_gpus >= 0, f"client_gpus: must be >= 0 (0: none), got {self.client_gpus}")
+        require(self.device != "cuda" or self.client_gpus > 0,
+                "device: cuda needs client_gpus > 0 (each virtual client's share of a GPU, e.g. 0.25)")
+        require(self.ray_address in ("", "auto") or RAY_ADDRESS.fullmatch(self.ray_address) is not None,
+                f"ray_address: expected a Ray head's HOST:PORT (e.g. 10.0.0.5:6379), 'auto', or '' to start a "
+                f"private Ray; got {self.ray_address!r}")
         require(not (self.resume and self.overwrite), "resume, overwrite: choose one (resume continues a run, "
                                                       "overwrite replaces it)")
         if self.aggregator != "fedavg":

@@ -22,7 +22,8 @@ from fedpeft.paths import atomic_write_bytes
 LOGS = ("clients.jsonl", "rounds.jsonl")
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed run may change: where it runs and how it was started, not what it computes.
-RESUMABLE_CHANGES = ("resume", "overwrite", "out", "cache_dir", "round_timeout_s")
+RESUMABLE_CHANGES = ("resume", "overwrite", "out", "cache_dir", "round_timeout_s",
+                     "ray_address", "client_cpus", "client_gpus", "device")
 
 
 def check_out_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:

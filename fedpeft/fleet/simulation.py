@@ -1,7 +1,9 @@
 """Run a fleet in one process tree: Flower's simulation engine on the Ray backend.
 
-Ray is started here, bound to 127.0.0.1, with one CPU per virtual client so several clients
-train side by side on a small machine, and it is shut down when the run ends, whatever happens.
+Ray is started here, bound to 127.0.0.1 (fedpeft/fleet/ray_local.py), with `client_cpus` CPUs
+(and `client_gpus` GPUs) per virtual client so several clients train side by side, and it is shut
+down when the run ends, whatever happens. With `ray_address` the run joins a running Ray cluster
+instead: its nodes host the clients, and at the end this process only disconnects from it.
 Ctrl-C stops the run the first time: the server loop sees `run_loop.STOP` within a poll, Flower's
 runtime and Ray are shut down, the logs and the last checkpoint stay (resume with `--resume`).
 """
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 import warnings
@@ -18,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedpeft.devices import load_fleet
-from fedpeft.errors import require
+from fedpeft.errors import UsageError, require
 from fedpeft.fleet import setup
 from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.traces import load_trace
@@ -38,13 +42,73 @@ def resolved(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def backend_config(cpus: int | None = None) -> dict:
+def backend_config(cfg: RunConfig | None = None, cpus: int | None = None) -> dict:
+    """Flower's Ray backend settings: each client's resources, and how a private Ray starts (Flower
+    passes `init_args` to `ray.init` only when Ray is not running yet, so they do nothing on a cluster)."""
+    cfg = cfg or RunConfig()
     cpus = cpus or os.cpu_count() or 1
+    gpus = _local_gpus() if cfg.client_gpus > 0 else 0
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
                       "_node_ip_address": "127.0.0.1", "log_to_driver": False},
     }
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_env(cfg: RunConfig) -> dict:
+    """Environment of every Ray worker of this run. A private Ray's workers inherit this process's
+    environment; a cluster's are started by its raylets, so the run sends what they need."""
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {"FEDPEFT_CACHE": cfg.cache_dir, "PYTHONPATH": pythonpath,
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")}
+
+
+def check_ray_target(cfg: RunConfig) -> None:
+    """Before anything slow starts: GPUs asked of a machine without CUDA (private Ray), or a cluster
+    head that does not answer, is a one-line error."""
+    if not cfg.ray_address:
+        require(cfg.client_gpus == 0 or _local_gpus() > 0,
+                f"client_gpus: {cfg.client_gpus} GPUs per client, but torch sees no CUDA GPU here "
+                "(set client_gpus=0, or join a cluster with GPUs via ray_address)")
+    elif cfg.ray_address != "auto":
+        host, port = cfg.ray_address.rsplit(":", 1)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise UsageError(f"ray_address: no Ray head answers at {cfg.ray_address} ({exc.strerror or exc}); "
+                             "start one with `ray start --head`") from None
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Join the running cluster at `cfg.ray_address` (this process becomes its driver), or, without
+    one, only keep the private Ray that Flower starts on 127.0.0.1."""
+    import ray
+
+    from fedpeft.fleet.ray_local import is_loopback, keep_on_loopback
+
+    if not cfg.ray_address or is_loopback(cfg.ray_address):
+        keep_on_loopback()  # a private Ray, or a head on this machine's loopback: stay there
+    if not cfg.ray_address:
+        return
+    try:
+        ray.init(address=cfg.ray_address, runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=False)
+    except (ConnectionError, TimeoutError) as exc:
+        raise UsageError(f"ray_address: cannot join the Ray cluster at {cfg.ray_address} ({first_line(exc)})") from None
+    if cfg.client_gpus > 0 and not ray.cluster_resources().get("GPU", 0):
+        ray.shutdown()  # disconnects this driver; the cluster keeps running
+        raise UsageError(f"client_gpus: {cfg.client_gpus} GPUs per client, but the Ray cluster at "
+                         f"{cfg.ray_address} advertises no GPU (set client_gpus=0)")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _not_the_run_simulation_notice(record: logging.LogRecord) -> bool:
@@ -82,6 +146,7 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
     started = time.perf_counter()
     cfg = resolved(cfg)
     check_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # before anything slow starts
+    check_ray_target(cfg)
     if cfg.resume:
         check_same_run(cfg.out, cfg.to_dict())
     os.environ["FEDPEFT_CACHE"] = cfg.cache_dir  # Ray workers inherit it
@@ -101,8 +166,9 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
     flower_workarounds.apply()  # Flower's per-node message scan is quadratic in the fleet's size
     driver["simulation_start_unix"] = time.time()
     try:
+        connect_ray(cfg)
         run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                       num_supernodes=cfg.num_clients, backend_name="ray", backend_config=backend_config(),
+                       num_supernodes=cfg.num_clients, backend_name="ray", backend_config=backend_config(cfg),
                        verbose_logging=verbose)
         if STOP.is_set():
             raise KeyboardInterrupt
@@ -111,6 +177,8 @@ def run_fleet(cfg: RunConfig, verbose: bool = False) -> dict:
             signal.signal(signal.SIGINT, previous)
         driver["simulation_end_unix"] = time.time()
         if ray.is_initialized():
+            # A private Ray stops here; on a cluster (ray_address) this only disconnects the driver:
+            # the cluster's nodes keep running, and this run's client actors end with it.
             ray.shutdown()
         driver["ray_shutdown_s"] = time.time() - driver["simulation_end_unix"]
         if (Path(cfg.out) / run_timings.FILE).is_file():  # timers for experiments/benchmarks/sim_overhead.py

@@ -55,6 +55,7 @@ class StepCost:
     cached: bool = False
     realised_density: float | None = None  # TaskEdge: the mask's true share of its target weights
     traffic: dict = field(default_factory=dict)  # bytes moved: forward, backward, optimizer, total (+ buckets)
+    device: str = "cpu"  # where the step ran (memory is that device's: CUDA rounds blocks to 512 B)
 
     @property
     def peak_bytes(self) -> int:
@@ -85,6 +86,7 @@ class StepCost:
             "cached": self.cached,
             **({"realised_density": self.realised_density} if self.realised_density is not None else {}),
             "traffic": copy.deepcopy(self.traffic),
+            "device": self.device,
         }
 
 
@@ -152,18 +154,23 @@ def profile_step(
     cache_dir: str | None = None,
     use_cache: bool = True,
     seed: int = 0,
+    device: str = "cpu",
 ) -> StepCost:
     """Profile (or fetch from the cache) one training step of `method_name` on `model_name`.
 
     `hparams` are the method's hyper-parameters (e.g. {"rank": 4, "alpha": 4}); ones the method
-    lacks or left as None are ignored. Bad input raises fedpeft.errors.UsageError.
+    lacks or left as None are ignored. `device`: cpu, cuda (an error without CUDA) or auto.
+    Bad input raises fedpeft.errors.UsageError.
     """
+    from fedpeft.train import resolve_device
+
     hparams = dict(hparams or {})
+    device = resolve_device(device).type
     root = default_cache_dir() if cache_dir is None else cache_dir
     front = None
     if use_cache:
         front = (model_name, method_name, _freeze(hparams), input_size, batch_size, num_classes,
-                 convention, dtype, str(root), seed)
+                 convention, dtype, str(root), seed, device)
         try:
             hit = _HITS.get(front)
         except TypeError:  # unhashable hyper-parameter value: skip the front dict
@@ -188,12 +195,14 @@ def profile_step(
         "model": model_name, "hparams": full_hparams, "input_size": input_size, "batch_size": batch_size,
         "num_classes": num_classes, "dtype": dtype, "seed": seed, **library_versions(),
     }
+    if device != "cpu":  # a CPU profile keeps the key it had before devices were profiled
+        key_fields["device"] = device
     key = cache_key(key_fields)
     cache = get_cache(root) if use_cache else None
     record = cache.get(key) if cache is not None else None
     cached = record is not None
     if record is None:
-        record = _profile(model_name, method, input_size, batch_size, num_classes, dtype, seed)
+        record = _profile(model_name, method, input_size, batch_size, num_classes, dtype, seed, device)
         record["key_fields"] = key_fields
         if cache is not None:
             cache.put(key, record)
@@ -215,11 +224,14 @@ def _cost_from_record(record: dict, convention: str, cached: bool) -> StepCost:
         flops_by_convention=record["flops_by_convention"], flops_detail=record.get("flops_detail", {}),
         profile_seconds=record["profile_seconds"], torch_version=record["torch_version"], cached=cached,
         realised_density=record.get("realised_density"), traffic=record.get("traffic", {}),
+        realised_density=record.get("realised_density"), device=record.get("device", "cpu"),
     )
 
 
-def _profile(model_name: str, method, input_size: int, batch_size: int, num_classes: int, dtype: str, seed: int) -> dict:
-    """Build, attach, and measure: the uncached path."""
+def _profile(model_name: str, method, input_size: int, batch_size: int, num_classes: int, dtype: str, seed: int,
+             device: str = "cpu") -> dict:
+    """Build, attach, and measure: the uncached path. The model is built and the method attached on
+    the CPU (same seeds, same mask as a CPU profile), then model and batch move to `device`."""
     global PROFILE_RUNS
     PROFILE_RUNS += 1
     from fedpeft.models import build_model
@@ -234,6 +246,8 @@ def _profile(model_name: str, method, input_size: int, batch_size: int, num_clas
         y = torch.randint(0, num_classes, (batch_size,), generator=gen)
         _check_forward(model, model_name, x)
         adapter = method.attach(model, calibration=x)
+        adapter.model.to(device)
+        x, y = x.to(device), y.to(device)
         adapter.train_mode()
         _check_forward(adapter.model, model_name, x, train=True)
         optimizer = adapter.optimizer(lr=method.lr)
@@ -264,6 +278,7 @@ def _profile(model_name: str, method, input_size: int, batch_size: int, num_clas
             "num_classes": num_classes,
             "dtype": dtype,
             "torch_version": torch.__version__,
+            "device": device,
         }
         if hasattr(adapter, "realised_density"):
             record["realised_density"] = float(adapter.realised_density)
