@@ -58,6 +58,10 @@ HELP = {
 }
 
 
+# argparse types checked as finetune/profile check the same options (a bad value answers before torch loads)
+TYPES = {"alpha": opts.positive_float, "nm": opts.nm_pattern}
+
+
 def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = False) -> None:
     parser.add_argument("--config", help="TOML file of run settings (flat keys, as in RunConfig; default none)")
     defaults = RunConfig.__dataclass_fields__
@@ -66,7 +70,8 @@ def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = 
         default = default_out if name == "out" else defaults[name].default
         shown = "''" if default == "" else default
         text = HELP.get(name, name.replace("_", " "))
-        parser.add_argument(flag, dest=name, type=positive_int if kind is int and name not in ("seed", "clients_per_round") else kind,
+        kind = TYPES.get(name, positive_int if kind is int and name not in ("seed", "clients_per_round") else kind)
+        parser.add_argument(flag, dest=name, type=kind,
                             help=text if "(default" in text else f"{text} (default {shown})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run setting, repeatable (default none; keys as in RunConfig)")
