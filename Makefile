@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SHIM := $(VENV)/.torchvision-shim
 
 .PHONY: demo test install clean
 
@@ -12,12 +13,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The torchvision workaround (fedpeft/_torchvision_compat.py) as a .pth file in the venv's
+# site-packages: a plain `python -c "import torchvision"` works there, not only fedpeft's imports.
+$(SHIM): $(STAMP) fedpeft/_torchvision_compat.py
+	$(PY) -c "from fedpeft._torchvision_compat import install_pth; print('wrote', install_pth())"
+	touch $(SHIM)
 
-demo: $(STAMP)
+install: $(SHIM)
+
+demo: $(SHIM)
 	$(VENV)/bin/fedpeft demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(SHIM)
 	$(PY) -m pytest -q -rs
 
 clean:

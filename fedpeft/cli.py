@@ -34,7 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_warnings() -> None:
+    """Dependency notices that say nothing to a fedpeft user, hidden unless the user asked for
+    warnings (`python -W ...`, PYTHONWARNINGS): the torchvision shim's note (a known, handled
+    mismatch; README "Workarounds"). bitsandbytes' CPU notice is silenced in fedpeft/__init__.py,
+    Flower's run_simulation notice in fedpeft/fleet/simulation.py."""
+    if sys.warnoptions:
+        return
+    import warnings
+
+    from fedpeft._torchvision_compat import TorchvisionOpsWarning
+
+    warnings.filterwarnings("ignore", category=TorchvisionOpsWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

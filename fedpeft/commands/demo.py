@@ -8,6 +8,6 @@ from fedpeft.commands import simulate
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="the offline demo: 10 edge devices, LoRA, digits under impulse noise")
-    simulate.add_run_options(parser, default_out="runs/demo")
+    simulate.add_run_options(parser, default_out="runs/demo", overwrite=True)
     # The demo's directory is its own: a second `make demo` replaces it instead of refusing.
     parser.set_defaults(func=simulate.run, overwrite=True)

@@ -4,15 +4,19 @@ from __future__ import annotations
 import json
 import sys
 
+from fedpeft.cli_options import FORMAT_HELP
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "devices", help="list the device catalog",
         description="List the edge-device catalog (RAM for training, sustained FLOP/s, link rates, power, "
                     "availability). With --fleet, list the clients a fleet file defines.")
-    parser.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
-    parser.add_argument("--catalog", metavar="PATH", default=None, help="a catalog TOML instead of the packaged one")
-    parser.add_argument("--fleet", metavar="PATH", default=None, help="list the clients of this fleet file instead")
+    parser.add_argument("--format", choices=["table", "json"], default="table", help=FORMAT_HELP)
+    parser.add_argument("--catalog", metavar="PATH", default=None,
+                        help="a catalog TOML instead of the packaged one (default: fedpeft/devices.toml)")
+    parser.add_argument("--fleet", metavar="PATH", default=None,
+                        help="list the clients of this fleet file instead (default none: the catalog)")
     parser.set_defaults(func=run)
 
 

@@ -15,9 +15,11 @@ def register(subparsers) -> None:
     cli_options.add_method(parser)
     cli_options.add_task(parser)
     parser.add_argument("--epochs", type=positive_int, default=3, help="local epochs on the target data (default 3)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--export-peft", metavar="DIR", help="LoRA/DoRA: write the adapter in peft's format")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default 32)")
+    parser.add_argument("--export-peft", metavar="DIR", help="LoRA/DoRA: write the adapter in peft's format (default none)")
+    parser.add_argument("--format", choices=["table", "json"], default="table", help=cli_options.FORMAT_HELP)
+    parser.add_argument("--json", action="store_const", dest="format", const="json",
+                        help="the same as --format json (default off)")
     cli_options.add_device(parser)
     parser.set_defaults(func=run)
 
@@ -79,7 +81,7 @@ def finetune(args) -> dict:
 
 def run(args) -> int:
     out = finetune(args)
-    if args.json:
+    if args.format == "json":
         print(json.dumps(out))
         return 0
     print(f"task             {out['task']}")

@@ -13,9 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from fedpeft import cli_options
-from fedpeft.cli_options import DENSITY_HELP, density, positive_float, positive_int
+from fedpeft import cli_options as opts
+from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError
+from fedpeft.names import FLOP_CONVENTIONS, METHOD_NAMES, MODEL_NAMES
 
 DEFAULT_MATRIX_CSV = "profile_matrix.csv"
 CATEGORY_ORDER = ("parameter", "buffer", "gradient", "activation", "temporary", "optimizer_state", "other")
@@ -23,25 +24,25 @@ CATEGORY_ORDER = ("parameter", "buffer", "gradient", "activation", "temporary", 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("profile", help="memory, FLOPs and payload of one training step of a method")
-    parser.add_argument("--model", help="model to profile (default mobilenet_v2)")
-    parser.add_argument("--models", help="comma-separated models: profile every (model, method) pair")
-    parser.add_argument("--method", help="method to profile (default lora)")
-    parser.add_argument("--methods", help="comma-separated methods: profile every (model, method) pair")
-    parser.add_argument("--rank", type=positive_int, help="LoRA/DoRA/GaLore rank (method default 4)")
-    parser.add_argument("--alpha", type=positive_float, help="LoRA/DoRA alpha (method default 4)")
-    parser.add_argument("--density", type=density, help=DENSITY_HELP)
-    parser.add_argument("--nm", help="TaskEdge N:M pattern, e.g. 2:4")
-    parser.add_argument("--input-size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument("--model", help=f"model to profile, {opts.one_of(MODEL_NAMES)} (default mobilenet_v2)")
+    parser.add_argument("--models", help="comma-separated models: profile every (model, method) pair (default none)")
+    parser.add_argument("--method", help=f"method to profile, {opts.one_of(METHOD_NAMES)} (default lora)")
+    parser.add_argument("--methods", help="comma-separated methods: profile every (model, method) pair (default none)")
+    opts.add_method_hparams(parser)
+    parser.add_argument("--input-size", type=positive_int, default=32, help=opts.INPUT_SIZE_HELP)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default 8)")
     parser.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (default 10)")
-    parser.add_argument("--format", choices=["table", "json"], default="table", help="output format (default table)")
-    parser.add_argument("--flop-convention", choices=["exact", "paper"], default="exact",
-                        help="exact: groups-aware conv backward; paper: PyTorch's stock count as in the seed paper")
+    parser.add_argument("--format", choices=["table", "json"], default="table", help=opts.FORMAT_HELP)
+    parser.add_argument("--flop-convention", choices=list(FLOP_CONVENTIONS), default="exact",
+                        help="exact: groups-aware conv backward; paper: PyTorch's stock count as in the seed paper "
+                             "(default exact)")
     parser.add_argument("--csv", metavar="FILE",
-                        help=f"also write one CSV row per (model, method); a matrix run writes ./{DEFAULT_MATRIX_CSV} without it")
-    parser.add_argument("--cache-dir", help="profile cache (default $FEDPEFT_CACHE or ~/.cache/fedpeft)")
-    parser.add_argument("--no-cache", action="store_true", help="profile again, neither reading nor writing the cache")
-    cli_options.add_device(parser)
+                        help=f"also write one CSV row per (model, method) (default none; a matrix run writes "
+                             f"./{DEFAULT_MATRIX_CSV})")
+    parser.add_argument("--cache-dir", help=opts.CACHE_DIR_HELP)
+    parser.add_argument("--no-cache", action="store_true",
+                        help="profile again, neither reading nor writing the cache (default off: use the cache)")
+    opts.add_device(parser)
     parser.set_defaults(func=run)
 
 
@@ -62,17 +63,17 @@ def hparams_from_args(args) -> dict:
 
 
 def run(args) -> int:
-    from fedpeft.methods import METHODS
-    from fedpeft.models import MODELS
     from fedpeft.errors import choice
-    from fedpeft.profiling import profile_step
 
     models = _names(args.model, args.models, "mobilenet_v2", "model")
     methods = _names(args.method, args.methods, "lora", "method")
     for m in models:
-        choice("model", m, MODELS)
+        choice("model", m, MODEL_NAMES)
     for m in methods:
-        choice("method", m, METHODS)
+        choice("method", m, METHOD_NAMES)
+
+    from fedpeft.profiling import profile_step  # torch, peft: only once the names are known good
+
     hparams = hparams_from_args(args)
     results = []
     for model in models:

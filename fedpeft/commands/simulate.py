@@ -5,10 +5,12 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fedpeft import cli_options as opts
 from fedpeft.cli_options import positive_int
 from fedpeft.errors import UsageError, require
-from fedpeft.fleet.config import (AGGREGATORS, BUDGET_POLICIES, CODECS, DEVICES, LORA_MODES, STRAGGLER_POLICIES,
+from fedpeft.fleet.config import (AGGREGATORS, AUTO, BUDGET_POLICIES, CODECS, DEVICES, LORA_MODES, STRAGGLER_POLICIES,
                                   TASKEDGE_MASKS, RunConfig)
+from fedpeft.names import CORRUPTION_NAMES, DATASET_NAMES, METHOD_NAMES, MODEL_NAMES, PARTITION_SCHEMES, TASK_NAMES
 
 # CLI flag -> RunConfig field, for the options most runs change.
 FLAGS = {
@@ -23,12 +25,25 @@ FLAGS = {
     "ray_address": str, "client_cpus": float, "client_gpus": float, "device": str,
 }
 HELP = {
+    # the same words as finetune/profile/pretrain for the options they share (fedpeft/cli_options.py)
+    "model": opts.one_of(MODEL_NAMES),
+    "method": f"{opts.one_of((*METHOD_NAMES, AUTO))}; auto: each device the first of method_order that fits it",
+    "rank": opts.RANK_HELP, "alpha": opts.ALPHA_HELP, "nm": opts.NM_HELP, "input_size": opts.INPUT_SIZE_HELP,
+    "cache_dir": opts.CACHE_DIR_HELP, "seed": "random seed (default 0)",
+    "dataset": f"{opts.one_of(DATASET_NAMES)} (digits: offline, scikit-learn)",
+    "data_dir": "CIFAR-10 root holding cifar-10-batches-py (default none)",
+    "task": f"{opts.one_of(TASK_NAMES)}; shift: clean -> corrupted, unseen: some classes -> all",
+    "corruption": opts.one_of(CORRUPTION_NAMES), "severity": "corruption severity 1-5",
+    "partition": f"{opts.one_of(PARTITION_SCHEMES)}: how the target data is split over the clients",
+    "pretrain_epochs": "source-task epochs", "local_epochs": "local epochs per client and round",
+    "out": "run directory for the logs, summary and plots",
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
     "density": "TaskEdge mask density in (0, 1]; 0: the method's own (taskedge 0.001, taskedge_lora 0.01) (default 0)",
     "taskedge_mask": f"one of {', '.join(TASKEDGE_MASKS)}: each client's own mask, or one mask the server builds",
     "budget_policy": f"one of {', '.join(BUDGET_POLICIES)}",
-    "upload_codec": f"one of {', '.join(CODECS)}", "fleet": "fleet TOML file (default: a mixed fleet)",
-    "clients_per_round": "clients sampled per round (0: all)", "max_flops_per_round": "per-client FLOP budget per round (0: none)",
+    "upload_codec": f"one of {', '.join(CODECS)}", "fleet": "fleet TOML file (default none: a mixed fleet of --num-clients)",
+    "clients_per_round": "clients sampled per round, at most the fleet's size (0: all)",
+    "max_flops_per_round": "per-client FLOP budget per round (0: none)",
     "aggregator": f"one of {', '.join(AGGREGATORS)} (default fedavg)",
     "clip_norm": "clip every update to this L2 norm (0: off)",
     "clip_median_multiple": "clip every update to this multiple of the round's median norm (0: off)",
@@ -49,20 +64,27 @@ HELP = {
 }
 
 
-def add_run_options(parser, default_out: str = "runs/latest") -> None:
-    parser.add_argument("--config", help="TOML file of run settings (flat keys, as in RunConfig)")
+# argparse types checked as finetune/profile check the same options (a bad value answers before torch loads)
+TYPES = {"alpha": opts.positive_float, "nm": opts.nm_pattern}
+
+
+def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = False) -> None:
+    parser.add_argument("--config", help="TOML file of run settings (flat keys, as in RunConfig; default none)")
     defaults = RunConfig.__dataclass_fields__
     for name, kind in FLAGS.items():
         flag = "--" + name.replace("_", "-")
         default = default_out if name == "out" else defaults[name].default
         shown = "''" if default == "" else default
         text = HELP.get(name, name.replace("_", " "))
-        parser.add_argument(flag, dest=name, type=positive_int if kind is int and name not in ("seed", "clients_per_round") else kind,
+        kind = TYPES.get(name, positive_int if kind is int and name not in ("seed", "clients_per_round") else kind)
+        parser.add_argument(flag, dest=name, type=kind,
                             help=text if "(default" in text else f"{text} (default {shown})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run setting")
-    parser.add_argument("--overwrite", action="store_true", default=None,
-                        help="replace the logs of a previous run in --out (default: refuse)")
-    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other run setting, repeatable (default none; keys as in RunConfig)")
+    parser.add_argument("--overwrite", action="store_true", default=True if overwrite else None,
+                        help="replace the logs of a previous run in --out "
+                             f"(default: {'replace' if overwrite else 'refuse'})")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs (default off)")
     parser.set_defaults(default_out=default_out, resume=None)
 
 
@@ -110,15 +132,19 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("simulate", help="simulate a fleet of edge devices (Flower on Ray)")
     add_run_options(parser)
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete round "
-                                                         "(its own settings; other options are ignored)")
+                                                         "(its own settings; other options are ignored; default none)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from fedpeft.fleet.runlog import check_out_dir
+
+    cfg = resumed_config(args.resume) if args.resume else config_from_args(args)
+    check_out_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)  # a bad --out answers before torch/Ray load
+
     from fedpeft.fleet.simulation import run_fleet
     from fedpeft.report import run_table
 
-    cfg = resumed_config(args.resume) if args.resume else config_from_args(args)
     summary = run_fleet(cfg, verbose=args.verbose)
     print(run_table(summary))
     print(f"\nwrote {Path(cfg.out).resolve()}/ (clients.jsonl, rounds.jsonl, summary.json, plots)", file=sys.stderr)

@@ -106,10 +106,10 @@ class RunConfig:
     device: str = "cpu"  # local training: cpu | cuda | auto; clients use cuda only with client_gpus > 0
 
     def __post_init__(self) -> None:
-        from fedpeft.data.corruptions import CORRUPTIONS
-        from fedpeft.data.partition import SCHEMES
-        from fedpeft.methods import METHODS, make_method
-        from fedpeft.models import MODELS
+        # Names from fedpeft.names (no torch): a bad field is named at once; only the method's own
+        # hyper-parameter check (make_method, at the end) imports the methods.
+        from fedpeft.names import CORRUPTION_NAMES as CORRUPTIONS, METHOD_NAMES as METHODS, MODEL_NAMES as MODELS
+        from fedpeft.names import PARTITION_SCHEMES as SCHEMES
 
         choice("model", self.model, MODELS)
         choice("method", self.method, (*METHODS, AUTO))
@@ -135,6 +135,8 @@ class RunConfig:
         require(1 <= self.severity <= 5, f"severity: must be 1-5, got {self.severity}")
         require(self.clients_per_round >= 0, f"clients_per_round: must be >= 0, got {self.clients_per_round}")
         require(self.evaluate_every >= 0, f"evaluate_every: must be >= 0 rounds (0: the last round only), got {self.evaluate_every}")
+        require(self.fleet or self.clients_per_round <= self.num_clients,  # a fleet file's size is checked below
+                f"clients_per_round: {self.clients_per_round} is more than the fleet's {self.num_clients} clients")
         require(self.max_flops_per_round >= 0, f"max_flops_per_round: must be >= 0, got {self.max_flops_per_round}")
         require(self.dirichlet_alpha > 0, f"dirichlet_alpha: must be > 0, got {self.dirichlet_alpha}")
         require(self.lr >= 0, f"lr: must be >= 0, got {self.lr}")
@@ -165,18 +167,23 @@ class RunConfig:
             require(Path(self.fleet).is_file(), f"fleet: no such file {self.fleet!r}")
             from fedpeft.devices import load_fleet
 
-            for spec in load_fleet(self.fleet):  # a fleet file may name each device's method
+            specs = load_fleet(self.fleet)
+            require(self.clients_per_round <= len(specs),
+                    f"clients_per_round: {self.clients_per_round} is more than the fleet's {len(specs)} clients")
+            for spec in specs:  # a fleet file may name each device's method
                 if spec.method is not None:
                     choice(f"fleet client {spec.client_id} method", spec.method, (*METHODS, AUTO))
                     require(spec.method not in (AUTO, *WEIGHT_SPACE_METHODS) or spec.method == self.method
                             or self.mixes_methods, f"fleet client {spec.client_id} method {spec.method}: mixing "
                             "methods needs mixed_aggregation=weight_space, fedbn=false, aggregator=fedavg, "
                             "lora_mode fedit or exact, and a run method with a weight-space form")
-        for m in self.auto_order() if self.method == AUTO else [self.method]:
-            make_method(m, **self.method_hparams(m))  # validates rank, density, nm
         self.client_ids("fail_clients")
         self.client_ids("corrupt_clients")
         self.client_ids("poison_clients")
+        from fedpeft.methods import make_method
+
+        for m in self.auto_order() if self.method == AUTO else [self.method]:
+            make_method(m, **self.method_hparams(m))  # validates rank, density, nm
 
     def auto_order(self) -> list[str]:
         """method_order as a list (method=auto's walk)."""

@@ -14,8 +14,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from fedpeft.errors import UsageError, require
 from fedpeft.paths import atomic_write_bytes
 
@@ -95,6 +93,8 @@ class RunLog:
         lines it covers, and whether the state is a mixed run's weight-space one. No RNG state: every draw (sampling, local training, jitter, traces) is seeded
         by (seed, round, client)."""
         buffer = io.BytesIO()
+        import torch  # here, not at the top: the CLI checks --out before torch is loaded
+
         torch.save({"round": server_round, "global_delta": global_delta, "lines": dict(self.lines),
                     "clock_s": float(clock_s), "mixed": bool(mixed)}, buffer)
         atomic_write_bytes(self.dir / CHECKPOINT, buffer.getvalue())
@@ -105,6 +105,8 @@ def load_checkpoint(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
         return None
+    import torch
+
     try:
         state = torch.load(path, weights_only=True)  # weights_only: a checkpoint file runs no code
         require(isinstance(state, dict) and isinstance(state.get("round"), int) and isinstance(state.get("lines"), dict)

@@ -1,0 +1,30 @@
+"""The names users choose from (models, methods, corruptions, ...), importable without torch.
+
+The real registries (`fedpeft.models.MODELS`, `fedpeft.methods.METHODS`,
+`fedpeft.data.corruptions.CORRUPTIONS`, ...) map these names to code that needs torch, peft and
+galore-torch, which take seconds to import. The CLI's parsers, `--help` and the validation of a
+run configuration only need the names, so they read them here and `fedpeft --help` or a bad
+argument answers at once. `tests/test_cli_start.py` checks that every tuple below equals its
+registry, so a model or method added there and forgotten here fails a test.
+"""
+
+#: fedpeft.models.MODELS
+MODEL_NAMES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "vit_tiny", "mobilenet_v2_035")
+#: fedpeft.methods.METHODS
+METHOD_NAMES = ("fft", "bn_head", "lora", "dora", "galore", "taskedge", "taskedge_lora")
+#: fedpeft.data.corruptions.CORRUPTIONS
+CORRUPTION_NAMES = ("brightness", "contrast", "gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur",
+                    "defocus_blur")
+#: fedpeft.data.corruptions.SEVERITIES
+SEVERITIES = (1, 2, 3, 4, 5)
+#: fedpeft.data.partition.SCHEMES
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
+#: fedpeft.data.tasks.TASKS
+TASK_NAMES = ("shift", "unseen")
+#: fedpeft.data.datasets.DATASETS
+DATASET_NAMES = ("digits", "cifar10")
+#: fedpeft.profiling.flops.CONVENTIONS
+FLOP_CONVENTIONS = ("exact", "paper")
+#: fedpeft.methods.taskedge.DEFAULT_DENSITY / DEFAULT_LORA_DENSITY (TaskEdge's mask density defaults)
+TASKEDGE_DENSITY = 0.001
+TASKEDGE_LORA_DENSITY = 0.01
