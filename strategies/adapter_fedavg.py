@@ -70,6 +70,11 @@ def client_record(msg: Message) -> dict:
     for key in ("steps_planned", "galore_dense_weights"):  # present only where they apply
         if key in m:
             rec[key] = int(m[key])
+    for key in ("density_realised", "density_requested"):  # TaskEdge: its mask's share of the masked weights
+        if key in m:
+            rec[key] = float(m[key])
+    if "predicted_s" in m:  # method=auto with a deadline: the round time its setting was chosen by
+        rec["predicted_s"] = float(m["predicted_s"])
     if "start" in info:  # a mixed run: did the client start from the form the server sent?
         rec["start"] = str(info["start"])
     if rec["status"] not in CLIENT_STATUSES:
