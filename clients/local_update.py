@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from fedpeft.devices import Device, comm_time_s, compute_time_s, energy_j, load_catalog, with_overrides
 from fedpeft.errors import UsageError
 from fedpeft.fleet import setup
-from fedpeft.fleet.budget import Setting, choose_setting, step_cost
+from fedpeft.fleet.budget import Setting, choose_setting, round_timing, step_cost
 from fedpeft.fleet.clock import client_timing, steps_within
 from fedpeft.fleet.config import RunConfig
 from fedpeft.fleet.placement import client_device, worker_node
@@ -202,7 +202,12 @@ def steps_for_deadline(cfg: RunConfig, log: RoundLog, setting: Setting, adapter,
 def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_round: int) -> ClientReply:
     info, metrics, client_id = log.info, log.metrics, log.client_id
     task = setup.task_for(cfg)
-    setting = choose_setting(cfg, log.device, task.num_classes, *log.requested)
+    data = setup.client_data(cfg, client_id)
+    # auto with a deadline: the walk also asks each setting to finish in time, as the server predicts it
+    timing = round_timing(cfg, len(data.labels), log.conditions.compute_fraction, log.conditions.jitter)
+    setting = choose_setting(cfg, log.device, task.num_classes, *log.requested, timing=timing)
+    if setting.predicted_s is not None:
+        metrics["predicted_s"] = setting.predicted_s
     info.update(method=setting.method, chosen=setting.describe(), adapted=setting.adapted)
     if setting.adapted:
         info["chosen"] += f" (adapted from {cfg.method}{f' r={cfg.rank}' if cfg.rank else ''} batch={cfg.batch_size})"
@@ -212,17 +217,21 @@ def _train_round(cfg: RunConfig, log: RoundLog, arrays_in: ArrayRecord, server_r
         info.update(status="over_budget", error=setting.reason)
         return log.finish(ArrayRecord())
 
-    data = setup.client_data(cfg, client_id)
     shared_mask = cfg.shares_mask and setting.method == cfg.method
     calibration = None if shared_mask else data.images[: setup.CALIBRATION_EXAMPLES]  # shared: the server's mask
     adapter = setup.attach(cfg, setting.method, setting.rank, calibration)
+    if hasattr(adapter, "realised_density"):  # TaskEdge: what its mask trains, beside what was asked
+        metrics.update(density_realised=float(adapter.realised_density), density_requested=float(adapter.method.density))
     global_delta: dict = {}
     form = log.conditions.form
     if form is not None:  # a mixed run: the server sent the form of the setting it expects this client to pick
         info["start"] = "global" if form == (setting.method, setting.rank or 0) and len(arrays_in) > 0 else "fresh"
         if info["start"] == "global":
             global_delta = decode(arrays_in)
-            adapter.load_delta(global_delta)
+            if setting.method == "taskedge":  # the fleet's change folded into its weights; its own mask on top
+                adapter.start_from(global_delta)
+            else:
+                adapter.load_delta(global_delta)
     elif setting.method == cfg.method and len(arrays_in) > 0:
         global_delta = decode(arrays_in)
         if cfg.method in ("lora", "dora") and cfg.lora_mode == "exact":  # the only mode with mixed ranks

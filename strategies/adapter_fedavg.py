@@ -73,6 +73,11 @@ def client_record(msg: Message) -> dict:
     for key in ("worker_node", "train_device"):  # where it ran: the Ray node (host/node id), the torch device
         if key in info:
             rec[key] = str(info[key])[:200]
+    for key in ("density_realised", "density_requested"):  # TaskEdge: its mask's share of the masked weights
+        if key in m:
+            rec[key] = float(m[key])
+    if "predicted_s" in m:  # method=auto with a deadline: the round time its setting was chosen by
+        rec["predicted_s"] = float(m["predicted_s"])
     if "start" in info:  # a mixed run: did the client start from the form the server sent?
         rec["start"] = str(info["start"])
     if rec["status"] not in CLIENT_STATUSES:

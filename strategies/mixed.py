@@ -35,7 +35,7 @@ from fedpeft.methods.galore_upload import expand_upload
 from fedpeft.payload import decode, encode
 from strategies.aggregation import client_upload
 from strategies.validation import check_dtypes
-from strategies.weight_space import average, from_dense, merge, to_dense
+from strategies.weight_space import COVERAGE, average, from_dense, merge, to_dense
 
 Delta = dict[str, torch.Tensor]
 Form = tuple[str, int]
@@ -57,7 +57,7 @@ class MixedFleet:
     def from_global(cls, cfg: RunConfig, global_delta: Mapping[str, torch.Tensor]) -> "MixedFleet":
         """Switch a same-method run to weight space: its global adapter becomes the dense state."""
         fleet = cls(cfg)
-        fleet.dense = to_dense(cfg.method, global_delta, fleet.pretrained, cfg.alpha) if global_delta else {}
+        fleet.dense = merge({}, to_dense(cfg.method, global_delta, fleet.pretrained, cfg.alpha)) if global_delta else {}
         return fleet
 
     def template(self, form: Form) -> Delta:
@@ -97,6 +97,10 @@ class MixedFleet:
             delta = decode(payload, expected=shapes)
         check_dtypes(delta, template)
         dense = to_dense(method, delta, self.pretrained, self.cfg.alpha)
+        for key in [k for k in dense if k.endswith(COVERAGE)]:  # TaskEdge: entries off its mask are the state's
+            layer = key[: -len(COVERAGE)]  # (so its update, screened by norm, is what it trained; the
+            if layer in self.dense:  # average takes only the covered entries anyway)
+                dense[layer] = torch.where(dense[key], dense[layer], self.dense[layer])
         if not self.cfg.weight_space_bn_stats:  # statistics are estimates, not learned: keep the fleet's
             dense = {k: v for k, v in dense.items() if not k.endswith(BN_STATISTICS)}
         return dense

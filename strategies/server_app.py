@@ -23,7 +23,7 @@ from fedpeft.paths import atomic_write_bytes
 from fedpeft.payload import encode
 from fedpeft.train import evaluate
 from fedpeft.devices import with_overrides
-from fedpeft.fleet.budget import RANKED, choose_setting
+from fedpeft.fleet.budget import RANKED, choose_setting, round_timing
 from fedpeft.fleet.config import AUTO
 from strategies.adapter_fedavg import AdapterFedAvg
 from strategies.aggregation import client_upload
@@ -96,7 +96,11 @@ def form_predictor(cfg: RunConfig, clock: FleetClock):
             return cfg.method, cfg.rank
         if "sim-ram-train-bytes" in conditions:
             device = with_overrides(device, "sim-ram-train-bytes", ram_train_bytes=conditions["sim-ram-train-bytes"])
-        setting = choose_setting(cfg, device, num_classes, *setup.request_of(cfg, client_id))
+        timing = None  # auto with a deadline: the client's walk weighs its round time, with these inputs
+        if cfg.round_deadline_s > 0 and 0 <= client_id < cfg.num_clients:
+            timing = round_timing(cfg, len(setup.client_data(cfg, client_id).labels),
+                                  float(conditions.get("sim-compute-fraction", 1.0)), float(conditions.get("sim-jitter", 1.0)))
+        setting = choose_setting(cfg, device, num_classes, *setup.request_of(cfg, client_id), timing=timing)
         return setting.method, setting.rank or 0
 
     return predict

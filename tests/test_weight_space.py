@@ -100,7 +100,7 @@ def test_weight_space_refuses_what_it_cannot_express(fleet):
 
     pre, *_ = fleet
     with pytest.raises(UsageError, match="weight-space"):
-        to_dense("taskedge", {}, pre)
+        to_dense("taskedge_lora", {}, pre)
     with pytest.raises(UsageError, match="no tensor"):
         to_dense("fft", {"features.0.0.weight": torch.zeros(3)}, pre)
 
@@ -194,14 +194,14 @@ def test_auto_on_resnet18_spreads_methods_over_budgets(tmp_path):
 
 
 def test_unknown_nodes_and_methods_without_a_weight_space_form_get_no_form(tmp_path):
-    """A node the roll call did not identify, or a client that will pick TaskEdge, is sent nothing
+    """A node the roll call did not identify, or a client that will pick TaskEdge-LoRA, is sent nothing
     (it starts fresh); the others get their own form, and the run turns mixed."""
     from test_fleet import small_config, strategy_for
 
     cfg = small_config(tmp_path)
     strategy = strategy_for(cfg, tmp_path)
     strategy.known_nodes = {100: {"client_id": 0}, 101: {"client_id": 1}}
-    strategy.predict = lambda cid, conditions: ("bn_head", 0) if cid == 0 else ("taskedge", 0)
+    strategy.predict = lambda cid, conditions: ("bn_head", 0) if cid == 0 else ("taskedge_lora", 4)
     payloads = strategy.payloads({100: {}, 101: {}, 102: {}}, None)
     assert strategy.mixed is not None
     assert payloads[100][1] == {"form-method": "bn_head", "form-rank": 0} and len(payloads[100][0]) > 0
@@ -218,3 +218,44 @@ def test_a_reply_claiming_a_form_no_client_can_have_is_refused_before_anything_i
     with pytest.raises(UsageError, match="rank 1000000000"):
         fleet.decode(None, {"method": "lora", "rank": 10**9})
     assert ("lora", 10**9) not in fleet._templates and ("bn_head", 0) in fleet.allowed
+
+
+@pytest.mark.slow
+def test_auto_with_a_deadline_spreads_methods_over_the_default_fleet(tmp_path):
+    """The demo's 10 devices, mobilenet_v2 at 32x32: with a deadline that the fastest devices meet
+    with fft and the slowest with nothing dearer than BN+H, `auto` gives different methods on
+    different devices, each within its memory budget and predicted on time, and the server's
+    prediction is each client's choice (every client starts from the form it was sent)."""
+    from fedpeft.fleet import setup
+    from fedpeft.fleet.budget import RoundTiming, choose_setting, predicted_round_s, round_timing, step_cost
+    from fedpeft.fleet.config import RunConfig
+    from fedpeft.fleet.simulation import run_fleet
+    from fedpeft.report import read_jsonl
+
+    values = dict(method="auto", num_clients=10, rounds=1, pretrain_epochs=1, trace="off", clock_jitter=False,
+                  out=str(tmp_path / "auto"), cache_dir=str(tmp_path.parent / "fleet-cache"))
+    probe = RunConfig(**values)
+    classes, batch = setup.task_for(probe).num_classes, probe.batch_size
+    examples = {s.client_id: len(setup.client_data(probe, s.client_id).labels) for s in setup.fleet_for(probe)}
+
+    def seconds(method, spec):
+        cost = step_cost(probe, method, probe.rank if method in ("lora", "galore") else None, batch, classes)
+        return predicted_round_s(probe, spec.device, method, batch, cost, RoundTiming(0.0, examples[spec.client_id]))
+
+    fleet = setup.fleet_for(probe)
+    cheapest = max(seconds("bn_head", s) for s in fleet)  # every device meets the deadline with BN+H ...
+    fft = [seconds("fft", s) for s in fleet]
+    deadline = 1.05 * cheapest
+    assert min(fft) <= deadline < max(fft), (fft, deadline)  # ... some with fft, some not
+    cfg = RunConfig(**values, round_deadline_s=round(deadline, 3))
+    run_fleet(cfg)
+    lines = [c for c in read_jsonl(tmp_path / "auto" / "clients.jsonl") if c["round"] == 1]
+    assert len(lines) == 10
+    assert len({c["method"] for c in lines}) >= 2 and "fft" in {c["method"] for c in lines}
+    devices = {s.client_id: s.device for s in fleet}
+    for c in lines:
+        assert c["peak_memory_bytes"] <= c["ram_budget_bytes"], c
+        assert c["predicted_s"] <= cfg.round_deadline_s, c
+        assert c["start"] == "global", c  # the server predicted this client's choice
+        own = choose_setting(cfg, devices[c["client_id"]], classes, timing=round_timing(cfg, examples[c["client_id"]]))
+        assert (c["method"], c["batch_size"]) == (own.method, own.batch_size)

@@ -147,6 +147,10 @@ def run(args) -> int:
 
     summary = run_fleet(cfg, verbose=args.verbose)
     print(run_table(summary))
+    if summary.get("taskedge_density"):
+        density = summary["taskedge_density"]
+        print(f"taskedge: realised density {density['realised']:.4%} of the masked weights "
+              f"(requested {density['requested']:.4%})")
     print(f"\nwrote {Path(cfg.out).resolve()}/ (clients.jsonl, rounds.jsonl, summary.json, plots)", file=sys.stderr)
     reason = no_client_trained(Path(cfg.out))
     if reason:

@@ -11,13 +11,25 @@ A client may request its own method (a fleet file's `method` per group or client
 at the requested batch, the methods of `method_order` (most expressive first) at the requested
 rank; then the same at each halved batch. The first setting that fits wins: a device keeps its
 batch and gives up expressiveness first.
+
+With a round deadline (`round_deadline_s` > 0), `auto` also asks each setting to *finish in time*:
+download + local steps + upload, predicted with the virtual clock's own timing
+(fedpeft.fleet.clock.client_timing) under this round's compute fraction and jitter, the profile's
+payload size for both transfers (GaLore's factored upload is smaller: the estimate is on the safe
+side) and the client's partition size for the steps. The first setting that fits memory and the
+deadline wins; when none meets the deadline, the one predicted fastest among those that fit memory
+(it may still be cut: a straggler under `drop`, fewer steps under `partial`). Client and server run
+this same walk with the same inputs (`RoundTiming`), so the server's prediction of the form a client
+needs is the client's choice. A requested method under `adapt` does not weigh the deadline: there a
+late client is a straggler, as before (tests/test_virtual_clock.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fedpeft.devices import Device
-from fedpeft.fleet.config import RunConfig
+from fedpeft.fleet.clock import client_timing
+from fedpeft.fleet.config import AUTO, RunConfig
 from fedpeft.profiling import StepCost, profile_step
 
 #: the next cheaper method to fall back to
@@ -25,6 +37,7 @@ CHEAPER = {"fft": "lora", "galore": "lora", "dora": "lora", "taskedge_lora": "ta
            "taskedge": "bn_head"}
 MIN_BATCH = 2  # BatchNorm in train mode cannot normalise a batch of one
 RANKED = ("lora", "dora", "galore", "taskedge_lora")
+TRAINS_BN_STATS = ("fft", "bn_head")  # their adapters' trains_bn_stats: a trailing batch of one is skipped
 
 
 @dataclass
@@ -37,10 +50,39 @@ class Setting:
     adapted: bool
     max_steps: int | None
     reason: str = ""
+    predicted_s: float | None = None  # the round's predicted simulated seconds (auto with a deadline)
 
     def describe(self) -> str:
         rank = f" r={self.rank}" if self.rank else ""
         return f"{self.method}{rank} batch={self.batch_size}"
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """What a deadline-aware walk needs about this client-round: the deadline (simulated seconds),
+    the client's examples, and this round's compute fraction and jitter (the virtual clock's)."""
+
+    deadline_s: float
+    examples: int
+    compute_fraction: float = 1.0
+    jitter: float = 1.0
+
+
+def round_timing(cfg: RunConfig, examples: int, compute_fraction: float = 1.0, jitter: float = 1.0) -> RoundTiming | None:
+    """The walk's timing inputs, or None when the run has no deadline."""
+    return RoundTiming(cfg.round_deadline_s, int(examples), compute_fraction, jitter) if cfg.round_deadline_s > 0 else None
+
+
+def predicted_round_s(cfg: RunConfig, device: Device, method: str, batch: int, cost: StepCost, timing: RoundTiming,
+                      max_steps: int | None = None) -> float:
+    """Simulated seconds of one client-round of this setting: download, steps, upload."""
+    from fedpeft.train import usable_batches
+
+    steps = cfg.local_epochs * usable_batches(timing.examples, batch, method in TRAINS_BN_STATS)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return client_timing(device, cost.total_flops, steps, cost.payload_bytes, cost.payload_bytes,
+                         compute_fraction=timing.compute_fraction, jitter=timing.jitter).total_s
 
 
 def _halvings(start: int, low: int) -> list[int]:
@@ -99,9 +141,12 @@ def step_cost(cfg: RunConfig, method: str, rank: int | None, batch: int, num_cla
 
 
 def choose_setting(cfg: RunConfig, device: Device, num_classes: int, requested: str | None = None,
-                   rank: int | None = None) -> Setting:
-    """The first candidate setting that fits `device`'s budget (over_budget if none does)."""
+                   rank: int | None = None, timing: RoundTiming | None = None) -> Setting:
+    """The first candidate setting that fits `device`'s budget (over_budget if none does). `timing`
+    (auto only): the setting must also be predicted to finish within the round's deadline."""
     first = None
+    fastest = None  # auto with a deadline: the quickest setting that fits memory, should none be on time
+    on_clock = timing is not None and (requested or cfg.method) == AUTO
     for method, rank, batch in candidates(cfg, requested, rank):
         cost = step_cost(cfg, method, rank, batch, num_classes)
         max_steps = None
@@ -112,10 +157,20 @@ def choose_setting(cfg: RunConfig, device: Device, num_classes: int, requested: 
         setting = Setting(method, rank, batch, cost, "ok", first is not None, max_steps)
         if first is None:
             first = setting
+        if fits_memory and fits_flops and on_clock:
+            setting.predicted_s = predicted_round_s(cfg, device, method, batch, cost, timing, max_steps)
+            if setting.predicted_s <= timing.deadline_s:
+                return setting
+            if fastest is None or setting.predicted_s < fastest.predicted_s:
+                fastest = setting
+            continue
         if fits_memory and fits_flops:
             return setting
-        if cfg.budget_policy == "strict" and (requested or cfg.method) != "auto":
+        if cfg.budget_policy == "strict" and (requested or cfg.method) != AUTO:
             break
+    if fastest is not None:
+        fastest.reason = f"no setting finishes within the {timing.deadline_s:g} s deadline; the fastest that fits memory"
+        return fastest
     reason = (f"needs {first.cost.peak_bytes:,} B of memory, device has {device.ram_train_bytes:,} B"
               if first.cost.peak_bytes > device.ram_train_bytes else
               f"one step needs {first.cost.total_flops:,} FLOPs, budget is {cfg.max_flops_per_round:,.0f}")

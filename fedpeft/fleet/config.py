@@ -17,7 +17,7 @@ CODECS = ("none", "fp16", "int8")
 GALORE_UPLOADS = ("factored", "dense")
 MIXED_AGGREGATIONS = ("weight_space", "same_method_only")
 #: methods that have a weight-space form (strategies/weight_space.py), most expressive first
-WEIGHT_SPACE_METHODS = ("fft", "galore", "lora", "bn_head")
+WEIGHT_SPACE_METHODS = ("fft", "galore", "lora", "bn_head", "dora", "taskedge")  # strategies/weight_space.py
 AUTO = "auto"
 AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 STRAGGLER_POLICIES = ("drop", "partial")
@@ -194,7 +194,8 @@ class RunConfig:
         """Updates of other methods than the run's can be aggregated (weight space): the run's
         method has a weight-space form, BatchNorm is shared, and LoRA uploads both factors."""
         return (self.mixed_aggregation == "weight_space" and not self.fedbn and self.lora_mode in ("fedit", "exact")
-                and self.aggregator == "fedavg" and self.method in (*WEIGHT_SPACE_METHODS, AUTO))
+                and self.aggregator == "fedavg" and self.method in (*WEIGHT_SPACE_METHODS, AUTO)
+                and not self.shares_mask)  # a shared TaskEdge mask is the fleet's own: no weight-space form
 
     def method_hparams(self, method: str | None = None, rank: int | None = None) -> dict:
         from fedpeft.methods import method_fields

@@ -223,6 +223,10 @@ def summarize(run_dir: str | Path, write: bool = True) -> dict:
         "client_wall_s": _sum(c.get("wall_s") for c in clients),
         **run_answers(per_round, clients, _num(config.get("target_accuracy")) or None),
     }
+    densities = [c for c in clients if c.get("density_realised") is not None]
+    if densities:  # TaskEdge: the share of the masked weights its masks train (mean over client-rounds)
+        summary["taskedge_density"] = {"requested": _mean(c.get("density_requested") for c in densities),
+                                       "realised": _mean(c["density_realised"] for c in densities)}
     if write:
         atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
