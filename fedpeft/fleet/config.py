@@ -81,7 +81,7 @@ class RunConfig:
     severity: int = 5
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 12  # fedpeft.pretrain.DEFAULT_EPOCHS (one-cycle schedule, batch 32)
     # fault injection, for testing what a fleet survives: client ids, comma-separated
     fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
@@ -116,7 +116,7 @@ class RunConfig:
         choice("galore_upload", self.galore_upload, GALORE_UPLOADS)
         choice("aggregator", self.aggregator, AGGREGATORS)
         choice("straggler_policy", self.straggler_policy, STRAGGLER_POLICIES)
-        choice("dataset", self.dataset, ("digits", "cifar10"))
+        choice("dataset", self.dataset, ("digits", "mnist5k", "cifar10"))
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
         choice("partition", self.partition, SCHEMES)
