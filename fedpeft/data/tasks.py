@@ -29,6 +29,17 @@ class Task:
     num_classes: int
     source_classes: list[int]
     info: dict = field(default_factory=dict)
+    # Held-out test images of the source task (clean test set; for unseen classes, the test images
+    # of the source classes): what pre-training is judged on. None for a task built without one.
+    source_test: ImageDataset | None = None
+
+    @property
+    def source_id(self) -> str:
+        """What the source data is, independent of the target: every corruption of one dataset
+        shares the clean source, so they share one pre-trained checkpoint."""
+        if self.info.get("kind") == "shift":
+            return f"clean:{self.info['dataset']}"
+        return self.name
 
     @property
     def target_classes(self) -> list[int]:
@@ -66,6 +77,7 @@ def distribution_shift(dataset: str = "digits", corruption: str = "impulse_noise
         source_classes=list(range(train.num_classes)),
         info={"kind": "shift", "dataset": dataset, "corruption": corruption, "severity": severity, "seed": seed,
               "train_corruption_seed": train_seed, "test_corruption_seed": test_seed},
+        source_test=resize(test, size),
     )
 
 
@@ -98,6 +110,7 @@ def unseen_classes(dataset: str = "digits", source_classes=None, seed: int = 0, 
         source_classes = range(num_classes // 2)
     classes = _check_source_classes(source_classes, num_classes)
     keep = torch.isin(train.labels, torch.tensor(classes, dtype=torch.int64))
+    keep_test = torch.isin(test.labels, torch.tensor(classes, dtype=torch.int64))
     return Task(
         name=f"unseen:{dataset}:{'-'.join(map(str, classes))}",
         source_train=train.subset(torch.nonzero(keep).flatten()),
@@ -106,6 +119,7 @@ def unseen_classes(dataset: str = "digits", source_classes=None, seed: int = 0, 
         num_classes=num_classes,
         source_classes=classes,
         info={"kind": "unseen", "dataset": dataset, "source_classes": classes, "seed": seed},
+        source_test=test.subset(torch.nonzero(keep_test).flatten()),
     )
 
 

@@ -86,7 +86,7 @@ class RunConfig:
     severity: int = 5
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 12  # fedpeft.pretrain.DEFAULT_EPOCHS (one-cycle schedule, batch 32)
     # fault injection, for testing what a fleet survives: client ids, comma-separated
     fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
@@ -109,7 +109,7 @@ class RunConfig:
         # Names from fedpeft.names (no torch): a bad field is named at once; only the method's own
         # hyper-parameter check (make_method, at the end) imports the methods.
         from fedpeft.names import CORRUPTION_NAMES as CORRUPTIONS, METHOD_NAMES as METHODS, MODEL_NAMES as MODELS
-        from fedpeft.names import PARTITION_SCHEMES as SCHEMES
+        from fedpeft.names import DATASET_NAMES, PARTITION_SCHEMES as SCHEMES
 
         choice("model", self.model, MODELS)
         choice("method", self.method, (*METHODS, AUTO))
@@ -126,7 +126,7 @@ class RunConfig:
         choice("galore_upload", self.galore_upload, GALORE_UPLOADS)
         choice("aggregator", self.aggregator, AGGREGATORS)
         choice("straggler_policy", self.straggler_policy, STRAGGLER_POLICIES)
-        choice("dataset", self.dataset, ("digits", "cifar10"))
+        choice("dataset", self.dataset, DATASET_NAMES)
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
         choice("partition", self.partition, SCHEMES)
