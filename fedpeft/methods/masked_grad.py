@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-#: Most values one gathered temporary may hold (4 MiB in float32): bounds the backward's extra memory.
-CHUNK_ELEMENTS = 1 << 20
+#: Most values one gathered temporary may hold (256 KiB in float32): bounds the backward's extra memory
+#: (at 1 << 20, 4 MiB temporaries put resnet18's backward peak 1.02x above LoRA's; at 1 << 16 0.97x).
+CHUNK_ELEMENTS = 1 << 16
 
 
 def supports_sparse_grad(layer: nn.Module) -> bool:
