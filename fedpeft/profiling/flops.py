@@ -17,7 +17,7 @@ update. The optimizer term is therefore:
   * GaLore's SVD (`torch.linalg.svd` is not counted by the mode) amortised over update_proj_gap.
 
 Masked/sparse adapters (TaskEdge) scatter their trained values into the frozen weight in the
-forward, and in the backward scatter them again (to rebuild the weight for the input's gradient)
+forward, and in the backward add them again (the input's gradient needs the updated weight)
 and compute the gradient only at the masked entries (fedpeft/methods/masked_grad.py). That
 gradient is a `bmm` of gathered rows, which the mode counts (2 FLOPs per entry, sample and output
 position); the input's gradient is a `convolution_backward` without the weight term, counted by
@@ -215,9 +215,9 @@ def count_masked_entries(model: nn.Module) -> int:
 def masking_flops(model: nn.Module) -> tuple[int, int]:
     """(forward, backward) FLOPs of masked adapters' scatter/gather, which the mode does not count.
 
-    Per masked entry: the forward scatter-adds the value into the frozen weight (index_add: 1),
-    and so does the backward, which rebuilds the weight for the input's gradient instead of
-    keeping a dense copy (1); the entries' gradients themselves (gathered dot products) are
+    Per masked entry: the forward adds the value into the frozen weight (index_add: 1; the
+    original entry is copied back afterwards, 0), and so does the backward for the input's
+    gradient (1); the entries' gradients themselves (gathered dot products) are
     counted by the mode. A masked LoRA (taskedge_lora) also gathers its B @ A product at the mask
     and scales it in the forward (+2), and scales and scatters the gradient back in the backward
     (+2); its B @ A matmul and their gradients are counted by the mode.
