@@ -86,7 +86,7 @@ class Device:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str | None = None, where: str | None = None) -> "Device":
         """Build and validate a device from a mapping (e.g. `Device.to_dict()` sent in a node config)."""
-        data = dict(data)
+        data = {k: v for k, v in data.items() if v is not None}  # an unset optional field is absent, not None
         name = name if name is not None else data.pop("name", None)
         data.pop("name", None)
         require(isinstance(name, str) and name != "", f"{where or 'device'}.name: must be a non-empty string")

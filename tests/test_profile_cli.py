@@ -34,6 +34,9 @@ def check_contract(obj, method):
     assert set(flops) >= {"forward", "backward", "optimizer", "total"}
     assert all(isinstance(flops[k], int) and flops[k] > 0 for k in ("forward", "backward", "optimizer", "total"))
     assert flops["total"] == flops["forward"] + flops["backward"] + flops["optimizer"]
+    traffic = obj["traffic"]  # bytes moved per phase (fedpeft/profiling/traffic.py), for the roofline
+    assert all(isinstance(traffic[k], int) and traffic[k] > 0 for k in ("forward", "backward", "optimizer", "total"))
+    assert traffic["total"] == traffic["forward"] + traffic["backward"] + traffic["optimizer"] == sum(traffic["bucket_bytes"])
 
 
 @pytest.mark.slow

@@ -112,3 +112,10 @@ def test_a_clients_jsonl_line_with_traffic_plans_roofline_time():
     rec = {"client_id": 0, "steps": 4, "flops_per_step": 1e9, "bytes_up": 0, "bytes_down": 0}
     assert plan_from_record(rec, board).timing.compute_s == pytest.approx(4 * 1.0)  # no traffic: FLOPs only
     assert plan_from_record({**rec, "traffic_per_step": step}, board).timing.compute_s == pytest.approx(4 * 3.0)
+
+
+def test_a_device_without_a_bandwidth_round_trips_and_times_by_flops():
+    bare = Device(name="x", ram_train_bytes=1, flops_per_s=2.0, uplink_bps=1.0, downlink_bps=1.0, power_w=1.0,
+                  availability=1.0)
+    assert Device.from_dict(bare.to_dict()) == bare  # to_dict's None for unset optional fields is accepted
+    assert compute_time_s(bare, 4.0, traffic({0: (0, 10 ** 9)})) == 2.0
