@@ -81,7 +81,8 @@ def bare_loop(run_dir: Path) -> dict:
                                 alpha=cfg.dirichlet_alpha, seed=cfg.seed)
         data = target.subset(indices)
         model = MODELS[cfg.model](task.num_classes, cfg.input_size)
-        model.load_state_dict(state, strict=False)  # the head may differ in size: it stays as built
+        own = model.state_dict()  # a head of another size (task=unseen) stays as built
+        model.load_state_dict({k: v for k, v in state.items() if own[k].shape == v.shape}, strict=False)
         torch.manual_seed(cfg.seed)
         adapter = make_method(rec["method"], **cfg.method_hparams(rec["method"], rec["rank"])).attach(model)
         t1 = time.perf_counter()
