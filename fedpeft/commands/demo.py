@@ -3,7 +3,8 @@ MobileNetV2, pre-trained on clean handwritten digits, to impulse-noise digits wi
 few rounds, then prints the cost table. Everything is offline.
 
 `fedpeft demo --budgets` runs the same task on a fleet where other apps hold most of the RAM on
-some devices (fedpeft/demo_budgets.toml), so budgets bite: some devices fit LoRA only at a smaller
+some devices (fedpeft/demo_budgets.toml; `trace = off`, so each device keeps its stated budget
+and is always reachable), so budgets bite: some devices fit LoRA only at a smaller
 batch or fall back to BN+H (budget_policy adapt), and one fits nothing (over budget); with
 `--budget-policy strict` every device that does not fit the requested setting is over budget."""
 from __future__ import annotations
@@ -28,5 +29,7 @@ def run(args) -> int:
     if args.budgets:
         if args.fleet is None:
             args.fleet = str(BUDGETS_FLEET)
+        if args.trace is None:  # the stated budgets, every round (a generated trace would vary them)
+            args.trace = "off"
         args.default_out = "runs/demo_budgets"
     return simulate.run(args)
