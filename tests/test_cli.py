@@ -105,3 +105,28 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     readme_line = next(line for line in (ROOT / "README.md").read_text().splitlines()
                        if line.startswith("lora on mobilenet_v2: accuracy"))
     assert readme_line in proc.stdout.splitlines(), (readme_line, proc.stdout[-1500:])
+
+
+@pytest.mark.slow
+def test_demo_budgets_shows_devices_over_budget(tmp_path, capsys):
+    """`fedpeft demo --budgets` (README): other apps hold most of the RAM on four devices. Under
+    `strict` (one profile: LoRA at batch 32, 62 MB) the 40 MB, 13.1 MB and 10 MB devices are over
+    budget, the 70 MB ones train; the cost table shows them in its `over` column."""
+    out = tmp_path / "budgets"
+    argv = ["demo", "--budgets", "--budget-policy", "strict", "--rounds", "1", "--pretrain-epochs", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path.parent / "fleet-cache")]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["fleet"].endswith("demo_budgets.toml")
+    lines = [json.loads(x) for x in (out / "clients.jsonl").read_text().splitlines()]
+    over = {c["client_id"] for c in lines if c["round"] == 1 and c["status"] == "over_budget"}
+    assert over == {6, 7, 8, 9}
+    assert all(c["peak_memory_bytes"] > c["ram_budget_bytes"] for c in lines if c["client_id"] in over)
+    assert {c["client_id"] for c in lines if c["round"] == 1 and c["status"] == "ok"} == {0, 1, 2, 3, 4, 5}
+    assert summary["status_counts"]["over_budget"] == 4
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("device"))
+    column = [c.strip() for c in header.split("|")].index("over") if "|" in header else header.split().index("over")
+    row = next(line for line in table.splitlines() if line.lstrip().startswith("phone_low"))
+    cells = [c.strip() for c in row.split("|")] if "|" in row else row.split()
+    assert cells[column] == "1", table

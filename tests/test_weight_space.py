@@ -259,3 +259,46 @@ def test_auto_with_a_deadline_spreads_methods_over_the_default_fleet(tmp_path):
         assert c["start"] == "global", c  # the server predicted this client's choice
         own = choose_setting(cfg, devices[c["client_id"]], classes, timing=round_timing(cfg, examples[c["client_id"]]))
         assert (c["method"], c["batch_size"]) == (own.method, own.batch_size)
+
+
+@pytest.mark.slow
+def test_a_lora_clients_round_2_download_carries_the_head_averaged_with_the_bn_head_clients(tmp_path):
+    """Server and clients in one process (the real AdapterFedAvg, form predictor and client_round,
+    without Flower's transport): round 1 on FALLBACK_FLEET (two LoRA clients, two that fall back to
+    BN+H), then the payload the server builds for LoRA client 0's round 2, decoded in LoRA's own
+    form: its head equals pre-trained + the example-weighted mean of all four clients' head changes."""
+    from clients.local_update import Conditions, client_round
+    from fedpeft.fleet import setup
+    from fedpeft.fleet.config import RunConfig
+    from fedpeft.payload import decode, encode
+    from strategies.server_app import form_predictor
+    from strategies.virtual_clock import FleetClock
+    from test_fleet import strategy_for
+    from test_hostile_replies import as_message
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(FALLBACK_FLEET)
+    cfg = RunConfig(model="mobilenet_v2_035", num_clients=4, rounds=2, pretrain_epochs=1, fleet=str(fleet),
+                    out=str(tmp_path / "run"), cache_dir=str(tmp_path.parent / "fleet-cache"), trace="off")
+    strategy = strategy_for(cfg, tmp_path)
+    strategy.known_nodes = {100 + i: {"client_id": i} for i in range(4)}
+    strategy.predict = form_predictor(cfg, FleetClock(cfg, setup.fleet_for(cfg)))
+    nodes = {100 + i: {} for i in range(4)}
+    payloads = strategy.payloads(nodes, encode(strategy.global_delta)[0])
+    assert strategy.mixed is not None and [payloads[n][1]["form-method"] for n in nodes] == ["lora"] * 2 + ["bn_head"] * 2
+    replies = [client_round(cfg, {"partition-id": i}, payloads[100 + i][0], 1, Conditions.from_config(payloads[100 + i][1]))
+               for i in range(4)]
+    assert [r.info["method"] for r in replies] == ["lora", "lora", "bn_head", "bn_head"]
+    strategy.aggregate_train(1, [as_message(r, 100 + i) for i, r in enumerate(replies)])
+
+    pre = strategy.mixed.pretrained
+    heads = [decode(r.arrays)["base_model.model.classifier.1.weight" if i < 2 else HEAD] for i, r in enumerate(replies)]
+    weights = [float(r.metrics["examples"]) for r in replies]
+    everyone = pre[HEAD] + sum(w * (h - pre[HEAD]) for w, h in zip(weights, heads)) / sum(weights)
+    lora_only = pre[HEAD] + sum(w * (h - pre[HEAD]) for w, h in zip(weights[:2], heads[:2])) / sum(weights[:2])
+
+    strategy.mixed.begin_round()
+    download = decode(strategy.payloads({100: {}}, None)[100][0])  # LoRA client 0's round-2 payload
+    got = download["base_model.model.classifier.1.weight"]
+    torch.testing.assert_close(got, everyone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, lora_only, atol=1e-5)  # the BN+H clients' head updates are in it

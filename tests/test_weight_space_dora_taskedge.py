@@ -162,3 +162,28 @@ def test_taskedge_uploads_with_bad_masks_are_refused(pre):
     shared = {k: v for k, v in good.items() if not k.endswith(".indices")}
     with pytest.raises(UsageError, match="shared-mask"):
         to_dense("taskedge", shared, pre)
+
+
+def test_taskedge_clients_report_their_realised_density_and_the_summary_records_it(tmp_path):
+    """A TaskEdge client's reply carries its mask's realised density beside the requested one, and
+    summary.json records their means (simulate prints them)."""
+    import json
+
+    from flwr.app import ArrayRecord
+
+    from clients.local_update import client_round
+    from fedpeft.fleet import setup
+    from fedpeft.report import summarize
+    from test_fleet import small_config
+
+    cfg = small_config(tmp_path, method="taskedge")
+    reply = client_round(cfg, {"partition-id": 0}, ArrayRecord(), 1)
+    own = setup.attach(cfg, "taskedge", None, calibration=setup.client_data(cfg, 0).images[: setup.CALIBRATION_EXAMPLES])
+    assert reply.metrics["density_requested"] == 0.001
+    assert reply.metrics["density_realised"] == pytest.approx(own.realised_density)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (run / "clients.jsonl").write_text("".join(json.dumps({"round": 1, "client_id": i, "status": "ok", "density_requested": 0.001,
+                                                          "density_realised": d}) + "\n" for i, d in enumerate((0.002, 0.004))))
+    assert summarize(run)["taskedge_density"] == pytest.approx({"requested": 0.001, "realised": 0.003})
