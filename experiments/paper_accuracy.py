@@ -42,6 +42,7 @@ TASKS = {  # name -> (task kind, corruption)
 RANKS = (1, 2, 4, 8, 16)
 DEFAULT_RANK = 4
 SEVERITY = 5
+PRETRAIN_SCHEDULE = "onecycle"  # fedpeft.pretrain: one-cycle lr, BatchNorm recalibrated (the demo keeps "legacy")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Grid:
     sweep_model: str = "mobilenet_v2"
     sweep_methods: tuple = ("lora", "galore")
     ranks: tuple = RANKS
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 12  # fedpeft.pretrain.SCHEDULES["onecycle"]; the fleet and centralized cells share checkpoints
 
     def cells(self) -> list[Cell]:
         """Every cell, most telling first (a run stopped by its budget has these): the first model's
@@ -133,7 +134,8 @@ def run_central(cell: Cell, grid: Grid, cache: str, log) -> dict:
     from fedpeft.train import evaluate, train
 
     task = task_of(grid.dataset, cell.task)
-    checkpoint = pretrained_checkpoint(cell.model, task, epochs=grid.pretrain_epochs, cache=cache or None, log=log)
+    checkpoint = pretrained_checkpoint(cell.model, task, epochs=grid.pretrain_epochs, cache=cache or None, log=log,
+                                      schedule=PRETRAIN_SCHEDULE)
     source_test = json.loads(Path(checkpoint).with_suffix(".json").read_text()).get("source_test_accuracy")
     model = build_model(cell.model, num_classes=task.num_classes, input_size=32, checkpoint=checkpoint, seed=0)
     torch.manual_seed(0)
@@ -163,7 +165,8 @@ def run_federated(cell: Cell, grid: Grid, cache: str, out: Path, log) -> dict:
     run_dir = out / "runs" / cell.cell_id  # the run's own logs; not committed
     cfg = RunConfig(model=cell.model, method=cell.method, rank=cell.rank, dataset=grid.dataset, task=kind,
                     corruption=corruption or "impulse_noise", severity=SEVERITY, rounds=grid.rounds,
-                    partition=cell.partition, dirichlet_alpha=0.1, pretrain_epochs=grid.pretrain_epochs, cache_dir=cache, out=str(run_dir), overwrite=True)
+                    partition=cell.partition, dirichlet_alpha=0.1, pretrain_epochs=grid.pretrain_epochs,
+                    pretrain_schedule=PRETRAIN_SCHEDULE, cache_dir=cache, out=str(run_dir), overwrite=True)
     start = time.perf_counter()
     run_fleet(cfg)
     s = summarize(run_dir, write=False)
@@ -198,6 +201,8 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default="central,sweep,federated", help="which parts of the grid (default all three)")
     p.add_argument("--models", default="", help="run only the cells of these models (comma-separated; default all), "
                    "e.g. to run parts of the grid in parallel processes")
+    p.add_argument("--tasks", default="", help=f"run only the cells of these tasks (comma-separated; default all: "
+                   f"{', '.join(TASKS)})")
     p.add_argument("--report-only", action="store_true", help="rebuild the summary from the cell files; run nothing")
     p.add_argument("--budget-min", type=float, default=0.0,
                    help="start no new cell after this many minutes (0: no limit); rerun to finish")
@@ -231,7 +236,9 @@ def main(argv=None) -> int:
         return 2
     cells = [c for c in grid.cells() if c.kind in kinds]
     models = {m.strip() for m in args.models.split(",") if m.strip()}
-    todo = [c for c in cells if not cell_path(out, c).is_file() and (not models or c.model in models)]
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    todo = [c for c in cells if not cell_path(out, c).is_file() and (not models or c.model in models)
+            and (not tasks or c.task in tasks)]
     if args.report_only:
         todo = []
     start = time.perf_counter()
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
                disable=not sys.stderr.isatty(), file=sys.stderr)
     log = (lambda msg: bar.write(msg, file=sys.stderr)) if sys.stderr.isatty() else (
         lambda msg: print(msg, file=sys.stderr, flush=True))
-    stopped, failed = 0, []
+    stopped, failed, done = 0, [], 0
     for cell in todo:
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             stopped = len(todo) - todo.index(cell)
@@ -254,8 +261,9 @@ def main(argv=None) -> int:
             continue
         atomic_write_bytes(cell_path(out, cell), (json.dumps(result, indent=1) + "\n").encode())
         bar.update(1)
+        done += 1
         if not sys.stderr.isatty():
-            print(f"[{bar.n}/{len(todo)}] {cell.cell_id}: {result['accuracy_before']:.4f} -> "
+            print(f"[{done}/{len(todo)}] {cell.cell_id}: {result['accuracy_before']:.4f} -> "
                   f"{result['accuracy_final']:.4f} ({result['wall_s']} s)", file=sys.stderr, flush=True)
     bar.close()
     elapsed = time.perf_counter() - start
