@@ -8,10 +8,11 @@ noise (severity 5; distribution shift from clean digits) and unseen classes (pre
 - centralized: every (model, task, method) for mobilenet_v2, mobilenet_v3_small, resnet18, through
   fedpeft's own finetune path (pre-trained checkpoint, make_method(...).attach, fedpeft.train.train),
   evaluated on the target test set after every epoch;
-- federated: mobilenet_v2 and resnet18 on impulse noise, IID and Dirichlet(0.1) partitions, the
-  real Flower simulation (fedpeft.fleet.simulation.run_fleet; the default fleet of 10 devices), with
+- federated: mobilenet_v3_small, mobilenet_v2 and resnet18 on impulse noise, IID and Dirichlet(0.1)
+  partitions, the real Flower simulation (fedpeft.fleet.simulation.run_fleet; the default fleet of 10 devices), with
   the virtual clock's simulated time, energy and bytes per round;
-- rank sweep: LoRA and GaLore at ranks 1, 2, 4, 8, 16 on impulse noise (mobilenet_v2, centralized).
+- rank sweep: LoRA and GaLore at ranks 1, 2, 4, 8, 16 on impulse noise (mobilenet_v3_small, centralized).
+Models pre-train with fedpeft.pretrain's "onecycle" schedule (12 epochs), once per source.
 --quick: a tiny grid for CI (mobilenet_v2_035; fft, bn_head, lora, galore; impulse noise; one
 federated IID run of 1 round; ranks 1 and 4).
 
@@ -67,19 +68,19 @@ class Grid:
     central_tasks: tuple = tuple(TASKS)
     methods: tuple = METHODS
     epochs: int = 3  # centralized epochs over the target training set
-    fed_models: tuple = ("mobilenet_v2", "resnet18")
+    fed_models: tuple = ("mobilenet_v3_small", "mobilenet_v2", "resnet18")
     fed_methods: tuple = METHODS
     fed_tasks: tuple = ("impulse_noise",)
     partitions: tuple = ("iid", "dirichlet")
     rounds: int = 3
-    sweep_model: str = "mobilenet_v2"
+    sweep_model: str = "mobilenet_v3_small"
     sweep_methods: tuple = ("lora", "galore")
     ranks: tuple = RANKS
     pretrain_epochs: int = 12  # fedpeft.pretrain.SCHEDULES["onecycle"]; the fleet and centralized cells share checkpoints
 
     def cells(self) -> list[Cell]:
-        """Every cell, most telling first (a run stopped by its budget has these): the first model's
-        centralized grid, the rank sweep, the first model federated, then the other models."""
+        """Every cell: per model its centralized cells (and the rank sweep on sweep_model), then the
+        federated cells. Parallel processes take parts of it with --models/--tasks/--kinds."""
         def central(m):
             return [Cell("central", m, t, meth) for t in self.central_tasks for meth in self.methods]
 
@@ -87,16 +88,14 @@ class Grid:
             return [Cell("federated", m, t, meth, partition=p) for t in self.fed_tasks for p in self.partitions
                     for meth in self.fed_methods]
 
-        first = self.central_models[0]
-        out = central(first)
-        out += [Cell("sweep", self.sweep_model, "impulse_noise", meth, r) for meth in self.sweep_methods
-                for r in self.ranks if not (r == DEFAULT_RANK and self.sweep_model in self.central_models
-                                           and "impulse_noise" in self.central_tasks and meth in self.methods)]
-        out += federated(first) if first in self.fed_models else []
-        for m in self.central_models[1:]:
+        out = []
+        for m in self.central_models:
             out += central(m)
+            if m == self.sweep_model:
+                out += [Cell("sweep", m, "impulse_noise", meth, r) for meth in self.sweep_methods for r in self.ranks
+                        if not (r == DEFAULT_RANK and "impulse_noise" in self.central_tasks and meth in self.methods)]
         for m in self.fed_models:
-            out += federated(m) if m != first else []
+            out += federated(m)
         return out
 
 
