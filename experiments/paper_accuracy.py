@@ -8,10 +8,11 @@ noise (severity 5; distribution shift from clean digits) and unseen classes (pre
 - centralized: every (model, task, method) for mobilenet_v2, mobilenet_v3_small, resnet18, through
   fedpeft's own finetune path (pre-trained checkpoint, make_method(...).attach, fedpeft.train.train),
   evaluated on the target test set after every epoch;
-- federated: mobilenet_v2 and resnet18 on impulse noise, IID and Dirichlet(0.1) partitions, the
-  real Flower simulation (fedpeft.fleet.simulation.run_fleet; the default fleet of 10 devices), with
+- federated: mobilenet_v3_small, mobilenet_v2 and resnet18 on impulse noise, IID and Dirichlet(0.1)
+  partitions, the real Flower simulation (fedpeft.fleet.simulation.run_fleet; the default fleet of 10 devices), with
   the virtual clock's simulated time, energy and bytes per round;
-- rank sweep: LoRA and GaLore at ranks 1, 2, 4, 8, 16 on impulse noise (mobilenet_v2, centralized).
+- rank sweep: LoRA and GaLore at ranks 1, 2, 4, 8, 16 on impulse noise (mobilenet_v3_small, centralized).
+Models pre-train with fedpeft.pretrain's "onecycle" schedule (12 epochs), once per source.
 --quick: a tiny grid for CI (mobilenet_v2_035; fft, bn_head, lora, galore; impulse noise; one
 federated IID run of 1 round; ranks 1 and 4).
 
@@ -42,6 +43,7 @@ TASKS = {  # name -> (task kind, corruption)
 RANKS = (1, 2, 4, 8, 16)
 DEFAULT_RANK = 4
 SEVERITY = 5
+PRETRAIN_SCHEDULE = "onecycle"  # fedpeft.pretrain: one-cycle lr, BatchNorm recalibrated (the demo keeps "legacy")
 
 
 @dataclass(frozen=True)
@@ -66,19 +68,19 @@ class Grid:
     central_tasks: tuple = tuple(TASKS)
     methods: tuple = METHODS
     epochs: int = 3  # centralized epochs over the target training set
-    fed_models: tuple = ("mobilenet_v2", "resnet18")
+    fed_models: tuple = ("mobilenet_v3_small", "mobilenet_v2", "resnet18")
     fed_methods: tuple = METHODS
     fed_tasks: tuple = ("impulse_noise",)
     partitions: tuple = ("iid", "dirichlet")
     rounds: int = 3
-    sweep_model: str = "mobilenet_v2"
+    sweep_model: str = "mobilenet_v3_small"
     sweep_methods: tuple = ("lora", "galore")
     ranks: tuple = RANKS
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 12  # fedpeft.pretrain.SCHEDULES["onecycle"]; the fleet and centralized cells share checkpoints
 
     def cells(self) -> list[Cell]:
-        """Every cell, most telling first (a run stopped by its budget has these): the first model's
-        centralized grid, the rank sweep, the first model federated, then the other models."""
+        """Every cell: per model its centralized cells (and the rank sweep on sweep_model), then the
+        federated cells. Parallel processes take parts of it with --models/--tasks/--kinds."""
         def central(m):
             return [Cell("central", m, t, meth) for t in self.central_tasks for meth in self.methods]
 
@@ -86,16 +88,14 @@ class Grid:
             return [Cell("federated", m, t, meth, partition=p) for t in self.fed_tasks for p in self.partitions
                     for meth in self.fed_methods]
 
-        first = self.central_models[0]
-        out = central(first)
-        out += [Cell("sweep", self.sweep_model, "impulse_noise", meth, r) for meth in self.sweep_methods
-                for r in self.ranks if not (r == DEFAULT_RANK and self.sweep_model in self.central_models
-                                           and "impulse_noise" in self.central_tasks and meth in self.methods)]
-        out += federated(first) if first in self.fed_models else []
-        for m in self.central_models[1:]:
+        out = []
+        for m in self.central_models:
             out += central(m)
+            if m == self.sweep_model:
+                out += [Cell("sweep", m, "impulse_noise", meth, r) for meth in self.sweep_methods for r in self.ranks
+                        if not (r == DEFAULT_RANK and "impulse_noise" in self.central_tasks and meth in self.methods)]
         for m in self.fed_models:
-            out += federated(m) if m != first else []
+            out += federated(m)
         return out
 
 
@@ -133,7 +133,8 @@ def run_central(cell: Cell, grid: Grid, cache: str, log) -> dict:
     from fedpeft.train import evaluate, train
 
     task = task_of(grid.dataset, cell.task)
-    checkpoint = pretrained_checkpoint(cell.model, task, epochs=grid.pretrain_epochs, cache=cache or None, log=log)
+    checkpoint = pretrained_checkpoint(cell.model, task, epochs=grid.pretrain_epochs, cache=cache or None, log=log,
+                                      schedule=PRETRAIN_SCHEDULE)
     source_test = json.loads(Path(checkpoint).with_suffix(".json").read_text()).get("source_test_accuracy")
     model = build_model(cell.model, num_classes=task.num_classes, input_size=32, checkpoint=checkpoint, seed=0)
     torch.manual_seed(0)
@@ -163,7 +164,8 @@ def run_federated(cell: Cell, grid: Grid, cache: str, out: Path, log) -> dict:
     run_dir = out / "runs" / cell.cell_id  # the run's own logs; not committed
     cfg = RunConfig(model=cell.model, method=cell.method, rank=cell.rank, dataset=grid.dataset, task=kind,
                     corruption=corruption or "impulse_noise", severity=SEVERITY, rounds=grid.rounds,
-                    partition=cell.partition, dirichlet_alpha=0.1, pretrain_epochs=grid.pretrain_epochs, cache_dir=cache, out=str(run_dir), overwrite=True)
+                    partition=cell.partition, dirichlet_alpha=0.1, pretrain_epochs=grid.pretrain_epochs,
+                    pretrain_schedule=PRETRAIN_SCHEDULE, cache_dir=cache, out=str(run_dir), overwrite=True)
     start = time.perf_counter()
     run_fleet(cfg)
     s = summarize(run_dir, write=False)
@@ -198,6 +200,8 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default="central,sweep,federated", help="which parts of the grid (default all three)")
     p.add_argument("--models", default="", help="run only the cells of these models (comma-separated; default all), "
                    "e.g. to run parts of the grid in parallel processes")
+    p.add_argument("--tasks", default="", help=f"run only the cells of these tasks (comma-separated; default all: "
+                   f"{', '.join(TASKS)})")
     p.add_argument("--report-only", action="store_true", help="rebuild the summary from the cell files; run nothing")
     p.add_argument("--budget-min", type=float, default=0.0,
                    help="start no new cell after this many minutes (0: no limit); rerun to finish")
@@ -231,7 +235,9 @@ def main(argv=None) -> int:
         return 2
     cells = [c for c in grid.cells() if c.kind in kinds]
     models = {m.strip() for m in args.models.split(",") if m.strip()}
-    todo = [c for c in cells if not cell_path(out, c).is_file() and (not models or c.model in models)]
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    todo = [c for c in cells if not cell_path(out, c).is_file() and (not models or c.model in models)
+            and (not tasks or c.task in tasks)]
     if args.report_only:
         todo = []
     start = time.perf_counter()
@@ -239,7 +245,7 @@ def main(argv=None) -> int:
                disable=not sys.stderr.isatty(), file=sys.stderr)
     log = (lambda msg: bar.write(msg, file=sys.stderr)) if sys.stderr.isatty() else (
         lambda msg: print(msg, file=sys.stderr, flush=True))
-    stopped, failed = 0, []
+    stopped, failed, done = 0, [], 0
     for cell in todo:
         if args.budget_min and time.perf_counter() - start > 60 * args.budget_min:
             stopped = len(todo) - todo.index(cell)
@@ -254,8 +260,9 @@ def main(argv=None) -> int:
             continue
         atomic_write_bytes(cell_path(out, cell), (json.dumps(result, indent=1) + "\n").encode())
         bar.update(1)
+        done += 1
         if not sys.stderr.isatty():
-            print(f"[{bar.n}/{len(todo)}] {cell.cell_id}: {result['accuracy_before']:.4f} -> "
+            print(f"[{done}/{len(todo)}] {cell.cell_id}: {result['accuracy_before']:.4f} -> "
                   f"{result['accuracy_final']:.4f} ({result['wall_s']} s)", file=sys.stderr, flush=True)
     bar.close()
     elapsed = time.perf_counter() - start

@@ -10,6 +10,10 @@ from pathlib import Path
 MiB = 2 ** 20
 TARGET_SHARE = 0.9  # to-target figures: 90% of the best accuracy any method reached in that setting
 PEFT = ("bn_head", "lora", "dora", "galore", "taskedge")
+CLAIMS = ("LoRA gives the best accuracy / cost trade-off",
+          "GaLore is the most robust PEFT method and needs fewer iterations",
+          "DoRA gives no gain over LoRA",
+          "BN+H fails on hard shifts (impulse noise)")
 FLAT = ("cell", "kind", "model", "task", "method", "rank", "partition", "dataset", "epochs", "rounds",
         "accuracy_before", "accuracy_final", "accuracy_best", "target", "steps_to_target", "round_to_target",
         "time_to_target_s", "energy_to_target_j", "bytes_to_target", "delta_bytes", "bytes_up", "energy_j",
@@ -82,20 +86,24 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
     acc = {m: _mean(r["accuracy_final"] for r in central if r["method"] == m) for m in ("fft",) + PEFT}
     size = {m: _mean(r["delta_bytes"] for r in central if r["method"] == m) for m in ("fft",) + PEFT}
     if acc.get("lora") is not None and size.get("fft"):
-        cheap = [m for m in PEFT if size.get(m) is not None and acc.get(m) is not None and size[m] <= 0.1 * size["fft"]]
-        best_cheap = max(cheap, key=lambda m: acc[m]) if cheap else None
-        dominated = [m for m in ("fft",) + PEFT if m != "lora" and acc.get(m) is not None and size.get(m) is not None
-                     and acc[m] >= acc["lora"] and size[m] <= size["lora"]]
-        holds = best_cheap == "lora" and not dominated
-        text = (f"centralized mean accuracy: lora {_f(acc['lora'])} with {100 * size['lora'] / size['fft']:.1f}% of "
-                f"fft's update; fft {_f(acc['fft'])}; best method under 10% of fft's bytes: {best_cheap} "
-                f"({_f(acc.get(best_cheap))})")
+        peft = [m for m in PEFT if acc.get(m) is not None and size.get(m) is not None]
+        best_peft = max(peft, key=lambda m: acc[m])
+        dominated_by = [m for m in ("fft",) + PEFT if m != "lora" and acc.get(m) is not None and size.get(m) is not None
+                        and acc[m] >= acc["lora"] and size[m] <= size["lora"]]
+        near_best = best_peft == "lora" or (acc[best_peft] - acc["lora"] <= 0.01 and size["lora"] < size[best_peft])
+        holds = near_best and not dominated_by
+        text = (f"centralized mean accuracy: lora {_f(acc['lora'])} with an update {100 * size['lora'] / size['fft']:.1f}% "
+                f"of fft's; fft {_f(acc['fft'])}; most accurate PEFT method: {best_peft} ({_f(acc[best_peft])}, "
+                f"{100 * size[best_peft] / size['fft']:.1f}% of fft's bytes)")
+        if dominated_by:
+            text += f"; as accurate with no more bytes: {', '.join(dominated_by)}"
         if fed:
             facc = {m: _mean(r["accuracy_final"] for r in fed if r["method"] == m) for m in ("fft",) + PEFT}
             fbest = max((m for m in PEFT if facc.get(m) is not None), key=lambda m: facc[m], default=None)
             text += f"; federated mean: lora {_f(facc.get('lora'))}, best PEFT {fbest} ({_f(facc.get(fbest))})"
-        out.append(("LoRA gives the best accuracy / cost trade-off", text,
-                    "holds" if holds else "does not hold"))
+        out.append((CLAIMS[0], text, "holds" if holds else "does not hold"))
+    else:
+        out.append((CLAIMS[0], "not measured: needs lora and fft cells", "not measured"))
 
     # 2. GaLore is the most robust and needs fewer iterations.
     groups = sorted({_group(r) for r in central})
@@ -115,7 +123,9 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
         verdict = ("holds" if most_robust == "galore" and fastest == "galore" else
                    "partly: most robust, not fewest iterations" if most_robust == "galore" else
                    "partly: fewest iterations, not most robust" if fastest == "galore" else "does not hold")
-        out.append(("GaLore is the most robust PEFT method and needs fewer iterations", text, verdict))
+        out.append((CLAIMS[1], text, verdict))
+    else:
+        out.append((CLAIMS[1], "not measured: needs galore cells", "not measured"))
 
     # 3. DoRA gives no gain over LoRA.
     pairs = []
@@ -127,9 +137,10 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
     if pairs:
         gain = statistics.fmean(pairs)
         wins = sum(p > 0.01 for p in pairs)
-        out.append(("DoRA gives no gain over LoRA",
-                    f"DoRA - LoRA final accuracy over {len(pairs)} paired settings: mean {100 * gain:+.1f} pts, "
+        out.append((CLAIMS[2], f"DoRA - LoRA final accuracy over {len(pairs)} paired settings: mean {100 * gain:+.1f} pts, "
                     f"DoRA ahead by > 1 pt in {wins}", "holds" if gain <= 0.01 else "does not hold"))
+    else:
+        out.append((CLAIMS[2], "not measured: needs dora and lora cells in the same settings", "not measured"))
 
     # 4. BN+H fails on hard shifts.
     def recovered(task: str) -> float | None:
@@ -148,8 +159,10 @@ def claims(rows: list[dict]) -> list[tuple[str, str, str]]:
         fed_bn = [r for r in fed if r["method"] == "bn_head"]
         if fed_bn:
             text += f"; federated bn_head final accuracy {', '.join(_f(r['accuracy_final']) for r in fed_bn)}"
-        out.append(("BN+H fails on hard shifts (impulse noise)", text,
-                    "holds" if hard < 0.5 else "does not hold"))
+        out.append((CLAIMS[3], text, "holds" if hard < 0.5 else "does not hold"))
+    else:
+        out.append((CLAIMS[3], "not measured: needs bn_head and fft cells on impulse noise where fft gained > 1 pt",
+                    "not measured"))
     return out
 
 
@@ -274,7 +287,9 @@ def write_report(out: Path, grid, cells, command: str, elapsed_s: float, stopped
              f"partitions {', '.join(grid.partitions)} (Dirichlet alpha 0.1), the default fleet of 10 devices, "
              f"{grid.rounds} rounds; rank sweep {', '.join(grid.sweep_methods)} x ranks "
              f"{', '.join(map(str, grid.ranks))} on {grid.sweep_model}, impulse noise, centralized.", "",
-             f"Targets: per setting, {int(100 * TARGET_SHARE)}% of the best accuracy any method reached there.", "",
+             f"Targets: per setting, {int(100 * TARGET_SHARE)}% of the best accuracy any method reached there. "
+             "The digits test set has 450 images: one image is 0.22 points, so differences of a point or two "
+             "are within noise. Verdicts use the rules in experiments/paper_accuracy_report.py (claims).", "",
              "## The paper's claims beside what fedpeft measured", "",
              "| claim | fedpeft measured | verdict |", "|---|---|---|"]
     lines += [f"| {c} | {m} | {v} |" for c, m, v in claims(rows)]

@@ -112,7 +112,10 @@ def add_task(parser: argparse.ArgumentParser) -> None:
                         help=f"{one_of(sorted(CORRUPTION_NAMES))} (default impulse_noise)")
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="1-5",
                         help="corruption severity 1-5 (default 5)")
-    parser.add_argument("--pretrain-epochs", type=positive_int, default=12, help="source-task epochs (default 12)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=8, help="source-task epochs (default 8)")
+    parser.add_argument("--pretrain-schedule", default="legacy", choices=["legacy", "onecycle"],
+                        help="legacy (constant lr, the demo's) or onecycle (one-cycle lr, BatchNorm recalibrated; "
+                             "measured with --pretrain-epochs 12) (default legacy)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--cache-dir", help=CACHE_DIR_HELP)
 

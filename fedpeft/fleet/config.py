@@ -86,7 +86,8 @@ class RunConfig:
     severity: int = 5
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
-    pretrain_epochs: int = 12  # fedpeft.pretrain.DEFAULT_EPOCHS (one-cycle schedule, batch 32)
+    pretrain_epochs: int = 8
+    pretrain_schedule: str = "legacy"  # fedpeft.pretrain.SCHEDULES: legacy (the demo's) or onecycle
     # fault injection, for testing what a fleet survives: client ids, comma-separated
     fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
@@ -130,6 +131,7 @@ class RunConfig:
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
         choice("partition", self.partition, SCHEMES)
+        choice("pretrain_schedule", self.pretrain_schedule, ("legacy", "onecycle"))
         for name in ("input_size", "rounds", "num_clients", "local_epochs", "batch_size", "pretrain_epochs"):
             require(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
         require(1 <= self.severity <= 5, f"severity: must be 1-5, got {self.severity}")
