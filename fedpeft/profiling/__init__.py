@@ -225,7 +225,7 @@ def _cost_from_record(record: dict, convention: str, cached: bool) -> StepCost:
         flops_by_convention=record["flops_by_convention"], flops_detail=record.get("flops_detail", {}),
         profile_seconds=record["profile_seconds"], torch_version=record["torch_version"], cached=cached,
         realised_density=record.get("realised_density"), traffic=record.get("traffic", {}),
-        realised_density=record.get("realised_density"), device=record.get("device", "cpu"),
+        device=record.get("device", "cpu"),
     )
 
 
