@@ -7,6 +7,7 @@ time with them. They differ between two runs of one seed, so they stay out of th
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,15 +44,19 @@ class RunTimings:
 
     def client(self, msg) -> None:
         """A client line from a reply's `t.*` metrics (nothing for a reply without them)."""
+        # Diagnostics only: an error reply (no content), a hostile or malformed one must never stop the
+        # server here; the strategy validates and logs every reply on its own.
+        if not msg.has_content():
+            return
         try:
             metrics = dict(msg.content["metrics"])
-        except (KeyError, TypeError, AttributeError):
+            laps = {k[2:]: float(v) for k, v in metrics.items() if k.startswith("t.") and math.isfinite(float(v))}
+            line = {"kind": "client", "round": int(metrics.get("round", -1)), "client_id": int(metrics.get("client_id", -1)),
+                    "wall_s": float(metrics.get("wall_s", 0.0)), **laps}
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError):
             return
-        laps = {k[2:]: float(v) for k, v in metrics.items() if k.startswith("t.")}
         if laps:
-            write_line(self.path, {"kind": "client", "round": int(metrics.get("round", -1)),
-                                   "client_id": int(metrics.get("client_id", -1)),
-                                   "wall_s": float(metrics.get("wall_s", 0.0)), **laps})
+            write_line(self.path, line)
 
 
 def write_line(path: str | Path, record: dict) -> None:

@@ -102,14 +102,17 @@ def test_adapt_falls_back_to_a_cheaper_method_when_nothing_else_fits(tmp_path):
 
 def test_flop_budget_bounds_local_steps(tmp_path):
     cfg = small_config(tmp_path)
-    per_step = step_cost(cfg, "lora", 4, 32, 10).total_flops
+    cost = step_cost(cfg, "lora", 4, 32, 10)
+    per_step = cost.total_flops
     reply = client_round(small_config(tmp_path, max_flops_per_round=3.5 * per_step), {"partition-id": 0}, ArrayRecord(), 1)
     assert reply.metrics["steps"] == 3
     assert reply.metrics["flops.total"] == 3 * per_step
-    from fedpeft.devices import load_catalog
+    from fedpeft.devices import compute_time_s, load_catalog
 
     device = load_catalog()["raspberry_pi_4_4gb"]  # partition 0 of the test fleet
-    assert math.isclose(reply.metrics["compute_s"], 3 * per_step / device.flops_per_s)
+    # device time is the roofline of one step's FLOPs and memory traffic, times the steps
+    assert math.isclose(reply.metrics["compute_s"], 3 * compute_time_s(device, per_step, cost.traffic))
+    assert reply.metrics["compute_s"] > 3 * per_step / device.flops_per_s  # the memory term counts
     assert math.isclose(reply.metrics["energy_j"], device.power_w * (reply.metrics["compute_s"] + reply.metrics["comm_s"]))
 
 

@@ -167,3 +167,18 @@ def test_an_aggregation_that_goes_non_finite_keeps_the_previous_global(honest, t
     assert "global adapter unchanged" in strategy.round_stats[1]["error"]
     assert all(torch.equal(strategy.global_delta[k], before[k]) for k in before)
     assert not any(r["aggregated"] for r in strict_json_lines(tmp_path / "log" / "clients.jsonl"))
+
+
+def test_run_timings_pass_over_error_and_malformed_replies(tmp_path):
+    """Regression (found merging the timers): an error reply has no content, and reading it raised
+    inside the server's reply callback, so one crashing client took the whole run down."""
+    from strategies.run_timings import RunTimings
+
+    timings = RunTimings(tmp_path)
+    sent = Message(content=RecordDict({}), dst_node_id=100, message_type=MessageType.TRAIN)
+    timings.client(Message(Error(code=0, reason="RuntimeError: injected failure"), reply_to=sent))
+    timings.client(Message(RecordDict({"metrics": MetricRecord({"t.train_s": float("inf"), "round": 1})}), reply_to=sent))
+    timings.client(Message(RecordDict({"metrics": MetricRecord({"t.train_s": 1.5, "round": 1, "client_id": 3})}),
+                           reply_to=sent))
+    lines = [json.loads(line) for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert [(line["client_id"], line["train_s"]) for line in lines if line["kind"] == "client"] == [(3, 1.5)]
