@@ -15,7 +15,7 @@ import torch
 from fedpeft.fleet import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = {"wall_s", "node_id", "compute_wall_s"}  # what differs between two runs of one seed
+VOLATILE = {"wall_s", "node_id", "compute_wall_s", "worker_node"}  # what differs between two runs of one seed (worker_node: the Ray node id)
 
 
 def fedpeft(*args: str) -> list[str]:
