@@ -82,7 +82,8 @@ def predicted_round_s(cfg: RunConfig, device: Device, method: str, batch: int, c
     if max_steps is not None:
         steps = min(steps, max_steps)
     return client_timing(device, cost.total_flops, steps, cost.payload_bytes, cost.payload_bytes,
-                         compute_fraction=timing.compute_fraction, jitter=timing.jitter).total_s
+                         compute_fraction=timing.compute_fraction, jitter=timing.jitter,
+                         traffic_per_step=cost.traffic).total_s  # the roofline, as the clock settles
 
 
 def _halvings(start: int, low: int) -> list[int]:
