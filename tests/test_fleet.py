@@ -1,6 +1,9 @@
 """The federated fleet: a real Flower simulation on Ray, budgets, adapter-only exchange, faults."""
 import json
 import math
+import subprocess
+import sys
+import time
 
 import psutil
 import pytest
@@ -134,8 +137,42 @@ def test_bad_run_config_names_the_field():
 
 
 # -- a real Flower simulation on Ray ---------------------------------------------------------------
-def ray_processes():
-    return [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline()).lower()]
+def ray_processes(grace_s: float = 10.0):
+    """Ray processes still running under this test process. A zombie (exited, not yet reaped) or a
+    process gone between listing and reading is not left behind; Ray's shutdown is asynchronous,
+    so survivors get a short grace period (CI once caught a zombie mid-reap)."""
+
+    def running_ray():
+        found = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and "ray" in " ".join(proc.cmdline()).lower():
+                    found.append(proc)
+            except psutil.Error:  # gone, or a zombie, between listing and reading
+                continue
+        return found
+
+    deadline = time.monotonic() + grace_s
+    while (found := running_ray()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def test_ray_processes_passes_over_a_zombie_but_not_a_running_process():
+    """Reproduces CI's failure at stop 15: an exited, unreaped child made the check raise."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass  # fake ray worker"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # fake ray worker"])
+    try:
+        for _ in range(100):  # wait until the first has exited; nobody reaps it yet
+            if psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.05)
+        assert psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE
+        assert [p.pid for p in ray_processes(grace_s=0.5)] == [running.pid]
+    finally:
+        running.kill()
+        running.wait()
+        zombie.wait()
 
 
 @pytest.mark.slow
