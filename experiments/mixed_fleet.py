@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedpeft.fleet.config import RunConfig  # noqa: E402
+from fedpeft.fleet.config import LEGACY_PRETRAINING, RunConfig  # noqa: E402
 from fedpeft.report import read_jsonl  # noqa: E402
 
 #: (label, mixed_aggregation, weight_space_bn_stats)
@@ -35,7 +35,7 @@ def run(label: str, mode: str, bn_stats: bool, rounds: int, out: Path) -> dict:
     from fedpeft.fleet.simulation import run_fleet
 
     cfg = RunConfig(method="lora", rounds=rounds, num_clients=10, fleet=str(REPO / "experiments/fleets/mixed_fallback.toml"),
-                    trace="off", mixed_aggregation=mode, weight_space_bn_stats=bn_stats,
+                    trace="off", mixed_aggregation=mode, weight_space_bn_stats=bn_stats, **LEGACY_PRETRAINING,
                     out=str(out / "runs" / label.replace(", ", "-").replace(" ", "_")), overwrite=True)
     start = time.perf_counter()
     summary = run_fleet(cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.fleet.config import RunConfig  # noqa: E402
+from fedpeft.fleet.config import LEGACY_PRETRAINING, RunConfig  # noqa: E402
 
 POISONED = "3,7"
 CASES = {  # name -> (poisoned?, settings)
@@ -89,7 +89,8 @@ def write(rows: list[dict], out: Path, command: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    base = RunConfig(rounds=2 if args.quick else 3, cache_dir=args.cache_dir)
+    base = RunConfig(rounds=2 if args.quick else 3, cache_dir=args.cache_dir,
+                     **LEGACY_PRETRAINING)  # the committed figures' pre-training (fedpeft.pretrain)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown:

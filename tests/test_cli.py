@@ -30,6 +30,10 @@ def error_lines(stderr: str) -> list[str]:
         (["finetune", "--method", "taskedge", "--nm", "4:2"] + FAST, "nm"),
         (["finetune", "--dataset", "cifar10", "--data-dir", "/does/not/exist"] + FAST, "data-dir"),
         (["pretrain", "--severity", "9"], "--severity"),
+        (["pretrain", "--pretrain-lr", "0"], "--pretrain-lr"),
+        (["simulate", "--pretrain-schedule", "cosine"], "pretrain_schedule"),
+        (["simulate", "--set", "pretrain_lr=-1"], "pretrain_lr"),
+        (["simulate", "--set", "pretrain_epochs=-2"], "pretrain_epochs"),
         (["simulate", "--lora-mode", "mean"], "lora_mode"),
         (["simulate", "--set", "colour=red"], "colour"),
         (["simulate", "--num-clients", "-3"], "--num-clients"),
@@ -90,6 +94,32 @@ def test_pretraining_is_deterministic_and_cached(tmp_path, capsys):
     assert again == first and first.stat().st_mtime_ns == mtime and calls == []
 
 
+def test_pretraining_defaults_to_onecycle_at_the_models_own_peak_lr(tmp_path):
+    """A run's default pre-training is onecycle at the architecture's peak lr (fedpeft.names), 12
+    epochs; --pretrain-lr and pretrain_epochs override it, and the checkpoint's key records what ran."""
+    from fedpeft.fleet import setup
+    from fedpeft.fleet.config import LEGACY_PRETRAINING, RunConfig
+    from fedpeft.names import ONECYCLE_PEAK_LR, PRETRAIN_SCHEDULES
+    from fedpeft.pretrain import checkpoint_key, schedule_defaults
+
+    task = setup.task_for(RunConfig())
+    assert RunConfig().pretrain_schedule == "onecycle" and RunConfig().pretrain_epochs == 0
+    assert schedule_defaults("onecycle", "mobilenet_v2")["lr"] == ONECYCLE_PEAK_LR["mobilenet_v2"]
+    assert schedule_defaults("onecycle", "resnet18")["lr"] == PRETRAIN_SCHEDULES["onecycle"]["lr"]
+    assert schedule_defaults("legacy", "mobilenet_v2") == PRETRAIN_SCHEDULES["legacy"]
+    cfg = RunConfig(model="mobilenet_v2_035", pretrain_epochs=1, cache_dir=str(tmp_path))
+    path = setup.checkpoint_for(cfg, log=lambda m: None)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["lr"] == ONECYCLE_PEAK_LR["mobilenet_v2_035"] and info["epochs"] == 1 and "schedule" in info
+    assert info == {**checkpoint_key("mobilenet_v2_035", task, 32, 1, info["lr"], 32, 0, "onecycle"),
+                    "source_test_accuracy": info["source_test_accuracy"]}
+    other = setup.checkpoint_for(RunConfig(model="mobilenet_v2_035", pretrain_epochs=1, pretrain_lr=0.002,
+                                           cache_dir=str(tmp_path)), log=lambda m: None)
+    assert other != path and json.loads(other.with_suffix(".json").read_text())["lr"] == 0.002
+    legacy = RunConfig(**LEGACY_PRETRAINING)
+    assert legacy.pretrain_schedule == "legacy" and legacy.pretrain_epochs == PRETRAIN_SCHEDULES["legacy"]["epochs"]
+
+
 @pytest.mark.slow
 def test_readme_demo_command_runs_end_to_end(tmp_path):
     """README's first command, as a new user runs it (with its own cache and output folders)."""
@@ -101,6 +131,9 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["status_counts"]["ok"] > 0
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+    # issue 12: the demo's model is pre-trained to >= 0.95 on clean held-out digits
+    (checkpoint_info,) = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "pretrain").glob("mobilenet_v2-*.json")]
+    assert checkpoint_info["source_test_accuracy"] >= 0.95, checkpoint_info
     # README's demo line is this run's headline, figure for figure (the run is seeded end to end)
     readme_line = next(line for line in (ROOT / "README.md").read_text().splitlines()
                        if line.startswith("lora on mobilenet_v2: accuracy"))

@@ -41,7 +41,7 @@ def finetune(args) -> dict:
                                           seed=args.seed))
         require_bn_batches(args.method, probe.trains_bn_stats, len(target), args.batch_size)
     checkpoint = pretrained_checkpoint(args.model, task, input_size=args.input_size, epochs=args.pretrain_epochs,
-                                       seed=args.seed, cache=args.cache_dir, schedule=args.pretrain_schedule)
+                                       lr=args.pretrain_lr, seed=args.seed, cache=args.cache_dir, schedule=args.pretrain_schedule)
     model = build_model(args.model, num_classes=task.num_classes, input_size=args.input_size,
                         checkpoint=checkpoint, seed=args.seed)
     calibration = target.images[: min(64, len(target))]

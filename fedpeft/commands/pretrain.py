@@ -17,7 +17,7 @@ def run(args) -> int:
 
     task = cli_options.task_from_args(args)
     path = pretrained_checkpoint(args.model, task, input_size=args.input_size, epochs=args.pretrain_epochs,
-                                 seed=args.seed, cache=args.cache_dir, schedule=args.pretrain_schedule)
+                                 lr=args.pretrain_lr, seed=args.seed, cache=args.cache_dir, schedule=args.pretrain_schedule)
     model = build_model(args.model, num_classes=len(task.source_classes), input_size=args.input_size, checkpoint=path)
     print(f"checkpoint: {path}")
     print(f"source accuracy (train): {source_accuracy(model, task):.3f}")

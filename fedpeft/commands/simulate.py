@@ -18,7 +18,7 @@ FLAGS = {
     "num_clients": int, "clients_per_round": int, "rounds": int, "local_epochs": int, "batch_size": int,
     "lora_mode": str, "taskedge_mask": str, "budget_policy": str, "upload_codec": str, "max_flops_per_round": float,
     "fleet": str, "dataset": str, "data_dir": str, "task": str, "corruption": str, "severity": int,
-    "partition": str, "pretrain_epochs": int, "seed": int, "out": str, "cache_dir": str, "input_size": int,
+    "partition": str, "pretrain_epochs": int, "pretrain_schedule": str, "pretrain_lr": float, "seed": int, "out": str, "cache_dir": str, "input_size": int,
     "aggregator": str, "clip_norm": float, "clip_median_multiple": float, "reject_norm_multiple": float,
     "round_timeout_s": float, "poison_clients": str,
     "trace": str, "round_deadline_s": float, "straggler_policy": str, "over_selection": float, "target_accuracy": float,
@@ -35,7 +35,9 @@ HELP = {
     "task": f"{opts.one_of(TASK_NAMES)}; shift: clean -> corrupted, unseen: some classes -> all",
     "corruption": opts.one_of(CORRUPTION_NAMES), "severity": "corruption severity 1-5",
     "partition": f"{opts.one_of(PARTITION_SCHEMES)}: how the target data is split over the clients",
-    "pretrain_epochs": "source-task epochs", "local_epochs": "local epochs per client and round",
+    "pretrain_epochs": f"source-task epochs (default: the schedule's own, {opts.SCHEDULE_EPOCHS})",
+    "pretrain_schedule": opts.PRETRAIN_SCHEDULE_HELP, "pretrain_lr": opts.PRETRAIN_LR_HELP,
+    "local_epochs": "local epochs per client and round",
     "out": "run directory for the logs, summary and plots",
     "lora_mode": f"one of {', '.join(LORA_MODES)}",
     "density": "TaskEdge mask density in (0, 1]; 0: the method's own (taskedge 0.001, taskedge_lora 0.01) (default 0)",
@@ -65,15 +67,19 @@ HELP = {
 
 
 # argparse types checked as finetune/profile check the same options (a bad value answers before torch loads)
-TYPES = {"alpha": opts.positive_float, "nm": opts.nm_pattern}
+TYPES = {"alpha": opts.positive_float, "nm": opts.nm_pattern, "pretrain_lr": opts.positive_float}
 
 
-def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = False) -> None:
+def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = False,
+                    presets: dict | None = None) -> None:
+    """The run's options. `presets`: RunConfig fields whose default this command changes (the
+    demo's), shown as the default in --help and applied unless the option or --config sets them."""
+    presets = presets or {}
     parser.add_argument("--config", help="TOML file of run settings (flat keys, as in RunConfig; default none)")
     defaults = RunConfig.__dataclass_fields__
     for name, kind in FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        default = default_out if name == "out" else defaults[name].default
+        default = default_out if name == "out" else presets.get(name, defaults[name].default)
         shown = "''" if default == "" else default
         text = HELP.get(name, name.replace("_", " "))
         kind = TYPES.get(name, positive_int if kind is int and name not in ("seed", "clients_per_round") else kind)
@@ -85,11 +91,11 @@ def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = 
                         help="replace the logs of a previous run in --out "
                              f"(default: {'replace' if overwrite else 'refuse'})")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs (default off)")
-    parser.set_defaults(default_out=default_out, resume=None)
+    parser.set_defaults(default_out=default_out, resume=None, presets=presets)
 
 
 def config_from_args(args, **forced) -> RunConfig:
-    values: dict = {"out": args.default_out}
+    values: dict = {"out": args.default_out, **getattr(args, "presets", {})}
     if args.config:
         path = Path(args.config)
         require(path.is_file(), f"config: no such file {args.config!r}")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedpeft.errors import UsageError, choice, require
+from fedpeft.names import PRETRAIN_SCHEDULES
 
 LORA_MODES = ("fedit", "ffa", "exact")
 TASKEDGE_MASKS = ("local", "shared")
@@ -25,6 +26,10 @@ DEVICES = ("cpu", "cuda", "auto")  # where local training runs (fedpeft/train.py
 #: a Ray head's HOST:PORT (IPv4, name or [IPv6])
 RAY_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:]+\]|[^\s:/\[\]]+):\d{1,5}")
 
+
+#: The pre-training of every figure measured before 2026-12-05, when onecycle became the default:
+#: experiments whose committed results came from it pin it, so their commands still reproduce them.
+LEGACY_PRETRAINING = {"pretrain_schedule": "legacy", "pretrain_epochs": 8}
 
 @dataclass
 class RunConfig:
@@ -86,8 +91,9 @@ class RunConfig:
     severity: int = 5
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
-    pretrain_epochs: int = 8
-    pretrain_schedule: str = "legacy"  # fedpeft.pretrain.SCHEDULES: legacy (the demo's) or onecycle
+    pretrain_epochs: int = 0  # 0: the schedule's own (onecycle 12, legacy 8)
+    pretrain_schedule: str = "onecycle"  # fedpeft.pretrain.SCHEDULES: onecycle or legacy (figures before 2026-12-05)
+    pretrain_lr: float = 0.0  # 0: the schedule's own for the model (fedpeft.pretrain.schedule_defaults)
     # fault injection, for testing what a fleet survives: client ids, comma-separated
     fail_clients: str = ""  # these crash after training (Flower's error reply; the server logs them as failed)
     corrupt_clients: str = ""  # these upload a malformed payload (the server rejects it)
@@ -131,8 +137,11 @@ class RunConfig:
         choice("task", self.task, ("shift", "unseen"))
         choice("corruption", self.corruption, CORRUPTIONS)
         choice("partition", self.partition, SCHEMES)
-        choice("pretrain_schedule", self.pretrain_schedule, ("legacy", "onecycle"))
-        for name in ("input_size", "rounds", "num_clients", "local_epochs", "batch_size", "pretrain_epochs"):
+        choice("pretrain_schedule", self.pretrain_schedule, PRETRAIN_SCHEDULES)
+        require(self.pretrain_epochs >= 0, f"pretrain_epochs: must be >= 0 (0: the schedule's own), got {self.pretrain_epochs}")
+        require(self.pretrain_lr >= 0 and math.isfinite(self.pretrain_lr),
+                f"pretrain_lr: must be a finite number >= 0 (0: the schedule's own), got {self.pretrain_lr}")
+        for name in ("input_size", "rounds", "num_clients", "local_epochs", "batch_size"):
             require(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
         require(1 <= self.severity <= 5, f"severity: must be 1-5, got {self.severity}")
         require(self.clients_per_round >= 0, f"clients_per_round: must be >= 0, got {self.clients_per_round}")

@@ -35,8 +35,9 @@ def task_for(cfg: RunConfig) -> Task:
 
 
 def checkpoint_for(cfg: RunConfig, log=None):
-    return pretrained_checkpoint(cfg.model, task_for(cfg), input_size=cfg.input_size, epochs=cfg.pretrain_epochs,
-                                 seed=cfg.seed, cache=cfg.cache_dir or None, log=log, schedule=cfg.pretrain_schedule)
+    return pretrained_checkpoint(cfg.model, task_for(cfg), input_size=cfg.input_size, epochs=cfg.pretrain_epochs or None,
+                                 lr=cfg.pretrain_lr or None, seed=cfg.seed, cache=cfg.cache_dir or None, log=log,
+                                 schedule=cfg.pretrain_schedule)
 
 
 def pretrained_model(cfg: RunConfig) -> torch.nn.Module:
