@@ -8,7 +8,7 @@ noise (severity 5; distribution shift from clean digits) and unseen classes (pre
 - centralized: every (model, task, method) for mobilenet_v2, mobilenet_v3_small, resnet18, through
   fedpeft's own finetune path (pre-trained checkpoint, make_method(...).attach, fedpeft.train.train),
   evaluated on the target test set after every epoch;
-- federated: mobilenet_v3_small, mobilenet_v2 and resnet18 on impulse noise, IID and Dirichlet(0.1)
+- federated: mobilenet_v3_small, mobilenet_v2 and resnet18 on brightness and impulse noise, IID and Dirichlet(0.1)
   partitions, the real Flower simulation (fedpeft.fleet.simulation.run_fleet; the default fleet of 10 devices), with
   the virtual clock's simulated time, energy and bytes per round;
 - rank sweep: LoRA and GaLore at ranks 1, 2, 4, 8, 16 on impulse noise (mobilenet_v3_small, centralized).
@@ -70,7 +70,9 @@ class Grid:
     epochs: int = 3  # centralized epochs over the target training set
     fed_models: tuple = ("mobilenet_v3_small", "mobilenet_v2", "resnet18")
     fed_methods: tuple = METHODS
-    fed_tasks: tuple = ("impulse_noise",)
+    # impulse noise is the paper's hard shift, but onecycle's mobilenet_v2 and resnet18 lose little
+    # to it (0.9333, 0.9800 from 0.9667, 0.9867); brightness leaves them room to adapt
+    fed_tasks: tuple = ("brightness", "impulse_noise")
     partitions: tuple = ("iid", "dirichlet")
     rounds: int = 3
     sweep_model: str = "mobilenet_v3_small"
@@ -251,6 +253,9 @@ def main(argv=None) -> int:
             stopped = len(todo) - todo.index(cell)
             break
         bar.set_postfix_str(cell.cell_id)
+        if cell_path(out, cell).is_file():  # another process of the grid (--models/--kinds) finished it meanwhile
+            bar.update(1)
+            continue
         try:
             result = run_cell(cell, grid, args.cache_dir, out, log)
         except Exception as exc:  # one broken cell must not cost the rest of a long grid; a rerun retries it

@@ -34,6 +34,7 @@ def error_lines(stderr: str) -> list[str]:
         (["simulate", "--pretrain-schedule", "cosine"], "pretrain_schedule"),
         (["simulate", "--set", "pretrain_lr=-1"], "pretrain_lr"),
         (["simulate", "--set", "pretrain_epochs=-2"], "pretrain_epochs"),
+        (["simulate", "--evaluate-every", "-1"], "evaluate_every"),
         (["simulate", "--lora-mode", "mean"], "lora_mode"),
         (["simulate", "--set", "colour=red"], "colour"),
         (["simulate", "--num-clients", "-3"], "--num-clients"),

@@ -22,7 +22,7 @@ FLAGS = {
     "aggregator": str, "clip_norm": float, "clip_median_multiple": float, "reject_norm_multiple": float,
     "round_timeout_s": float, "poison_clients": str,
     "trace": str, "round_deadline_s": float, "straggler_policy": str, "over_selection": float, "target_accuracy": float,
-    "ray_address": str, "client_cpus": float, "client_gpus": float, "device": str,
+    "ray_address": str, "client_cpus": float, "client_gpus": float, "device": str, "evaluate_every": int,
 }
 HELP = {
     # the same words as finetune/profile/pretrain for the options they share (fedpeft/cli_options.py)
@@ -63,6 +63,8 @@ HELP = {
     "client_cpus": "Ray CPUs per virtual client (default 1)",
     "client_gpus": "Ray GPUs per virtual client, a fraction allowed (default 0; needs CUDA or a cluster's GPUs)",
     "device": f"one of {', '.join(DEVICES)}: where clients train; cuda needs --client-gpus > 0 (default cpu)",
+    "evaluate_every": "evaluate the global model after every N rounds (round 0 too; the last round always; "
+                      "0: the last round only)",
 }
 
 
@@ -82,7 +84,8 @@ def add_run_options(parser, default_out: str = "runs/latest", overwrite: bool = 
         default = default_out if name == "out" else presets.get(name, defaults[name].default)
         shown = "''" if default == "" else default
         text = HELP.get(name, name.replace("_", " "))
-        kind = TYPES.get(name, positive_int if kind is int and name not in ("seed", "clients_per_round") else kind)
+        kind = TYPES.get(name, positive_int if kind is int and name not in ("seed", "clients_per_round", "evaluate_every")
+                         else kind)
         parser.add_argument(flag, dest=name, type=kind,
                             help=text if "(default" in text else f"{text} (default {shown})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
