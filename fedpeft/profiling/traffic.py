@@ -20,6 +20,13 @@ per *intensity bucket* (ops grouped by FLOPs per byte, buckets a factor 2 wide, 
 bucket that straddles the ridge (there it errs by less than a factor 2 on that bucket's ops).
 The FLOPs an op's formula does not count (element-wise work, FlopCounterMode counts matmul/conv
 only) sit in bucket 0 with intensity 0: they take bytes / B.
+
+Each op also has a *class* (OP_CLASSES: dense or depthwise/grouped conv, forward or backward,
+matmul, batch norm, other), and the buckets are kept per class too (`class_bucket_flops`,
+`class_bucket_bytes`, `class_ops`): real kernels reach their roofs to very different degrees by
+class (a CPU's depthwise conv backward at 32x32 runs ~30x below its roofline), and
+fedpeft/profiling/kernel_efficiency.py scales each class by an efficiency measured on a machine.
+Summed over the classes the per-class buckets are exactly the step's buckets.
 """
 from __future__ import annotations
 
@@ -43,6 +50,26 @@ INTENSITY_EDGES = (0.0,) + tuple(2.0 ** k for k in range(-6, 11))
 PHASES = ("forward", "backward", "optimizer")
 _NO_TRAFFIC = {aten.detach.default, aten.alias.default, aten.lift_fresh.default}
 _FLOPS = {**flop_registry, aten.convolution_backward: shape_wrapper(conv_backward_flop_exact)}
+#: Op classes whose kernels differ in how close they come to the roofline (see op_class).
+OP_CLASSES = ("conv", "conv_backward", "depthwise_conv", "depthwise_conv_backward", "matmul", "batch_norm",
+              "other")
+_MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+
+
+def op_class(func, args) -> str:
+    """The class (OP_CLASSES) of an aten op: convs by groups (> 1: depthwise/grouped) and direction,
+    matmuls, batch norm (forward and backward), everything else (element-wise, copies, reductions,
+    the optimizer's updates)."""
+    packet = func._overloadpacket
+    if packet == aten.convolution:
+        return "depthwise_conv" if args[8] > 1 else "conv"
+    if packet == aten.convolution_backward:
+        return "depthwise_conv_backward" if args[9] > 1 else "conv_backward"
+    if packet in _MATMULS:
+        return "matmul"
+    if "batch_norm" in packet.__name__:
+        return "batch_norm"
+    return "other"
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -88,6 +115,10 @@ class TrafficMode(TorchDispatchMode):
         self.bucket_flops = [0] * len(INTENSITY_EDGES)
         self.bucket_bytes = [0] * len(INTENSITY_EDGES)
         self.by_op: dict[str, int] = {}
+        n = len(INTENSITY_EDGES)
+        self.class_ops = {c: 0 for c in OP_CLASSES}
+        self.class_bucket_flops = {c: [0] * n for c in OP_CLASSES}
+        self.class_bucket_bytes = {c: [0] * n for c in OP_CLASSES}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,6 +134,10 @@ class TrafficMode(TorchDispatchMode):
         b = bucket_of(flops, nbytes)
         self.bucket_flops[b] += flops
         self.bucket_bytes[b] += nbytes
+        cls = op_class(func, args)
+        self.class_ops[cls] += 1
+        self.class_bucket_flops[cls][b] += flops
+        self.class_bucket_bytes[cls][b] += nbytes
         name = str(func._overloadpacket.__name__)
         self.by_op[name] = self.by_op.get(name, 0) + nbytes
         return out
@@ -118,6 +153,10 @@ class StepTraffic:
     bucket_flops: list = field(default_factory=list)
     bucket_bytes: list = field(default_factory=list)
     by_op: dict = field(default_factory=dict)
+    #: per op class (OP_CLASSES): ops, and FLOPs and bytes per intensity bucket
+    class_ops: dict = field(default_factory=dict)
+    class_bucket_flops: dict = field(default_factory=dict)
+    class_bucket_bytes: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -129,7 +168,10 @@ class StepTraffic:
                 "total": int(self.total), "ops": int(self.ops),
                 "intensity_edges": list(INTENSITY_EDGES),
                 "bucket_flops": [int(v) for v in self.bucket_flops],
-                "bucket_bytes": [int(v) for v in self.bucket_bytes]}
+                "bucket_bytes": [int(v) for v in self.bucket_bytes],
+                "class_ops": {c: int(v) for c, v in self.class_ops.items()},
+                "class_bucket_flops": {c: [int(v) for v in vs] for c, vs in self.class_bucket_flops.items()},
+                "class_bucket_bytes": {c: [int(v) for v in vs] for c, vs in self.class_bucket_bytes.items()}}
 
 
 def count_step_traffic(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
@@ -147,4 +189,6 @@ def count_step_traffic(model: nn.Module, optimizer: torch.optim.Optimizer, input
         optimizer.step()
     return StepTraffic(mode.bytes["forward"], mode.bytes["backward"], mode.bytes["optimizer"],
                        ops=sum(mode.ops.values()), bucket_flops=mode.bucket_flops,
-                       bucket_bytes=mode.bucket_bytes, by_op=dict(mode.by_op))
+                       bucket_bytes=mode.bucket_bytes, by_op=dict(mode.by_op), class_ops=dict(mode.class_ops),
+                       class_bucket_flops=dict(mode.class_bucket_flops),
+                       class_bucket_bytes=dict(mode.class_bucket_bytes))

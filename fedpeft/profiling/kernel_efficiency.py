@@ -1,0 +1,207 @@
+"""How close a machine's kernels come to the roofline, per op class, measured by microbenchmarks.
+
+The roofline (fedpeft.devices.roofline_time_s) assumes every op runs at the machine's sustained
+FLOP/s F or memory bandwidth B, whichever binds. Real CPU kernels at the small shapes of edge
+training do not: a depthwise conv's backward at 32x32 runs ~30x below its roofline, BatchNorm ~5x,
+and every op pays a fixed cost (dispatch, allocation) however small it is. This module measures,
+on the machine it runs on,
+
+  overhead_s      the time per op of a training step on 1-element tensors (dispatch, autograd,
+                  allocation: what every op pays however small), charged once per op of a step;
+  efficiency[c]   for each op class c (fedpeft.profiling.traffic.OP_CLASSES): the roofline time of
+                  a set of class-c ops at generic CNN shapes over their measured time (less their
+                  overhead), so 1.0 = at the roof, 0.1 = ten times slower;
+
+and predicts a step from its profile's per-class traffic:
+
+  time = sum over intensity buckets of max(sum_c flops_cb / e_c / F, sum_c bytes_cb / e_c / B)
+         + ops x overhead_s
+
+With every efficiency 1 and no overhead this is exactly the roofline. The microbenchmarks use a
+ladder of shapes not taken from any model, batch 32: (channels, map size) = (32, 16), (64, 8),
+(128, 4), (256, 2), (512, 1), the pattern of a CNN at a small input (channels double as the map
+halves; every rung of a 3x3 conv has the same FLOPs), with a 4x wider layer per rung (bottleneck
+and inverted-residual blocks): dense 3x3 c -> c and 1x1 c -> 4c -> c convs, 3x3 and 5x5 depthwise
+convs on 4c channels, matmuls of a batch of 32 rows, BatchNorm on 4c channels, element-wise ops
+on the wide activations and torch's AdamW on the rungs' weights. They never time a model's step, so
+a step predicted with them is a prediction, not a fit. Everything runs on the calling thread;
+set torch.set_num_threads(1) first to measure one core, as experiments/benchmarks/step_time.py does.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from fedpeft.profiling.traffic import INTENSITY_EDGES, OP_CLASSES, TrafficMode
+
+aten = torch.ops.aten
+RUNGS = ((32, 16), (64, 8), (128, 4), (256, 2), (512, 1))  # (channels, map size)
+BATCH = 32
+
+
+def calibrated_time_s(total_flops: float, traffic: Mapping, flops_per_s: float, bytes_per_s: float,
+                      efficiency: Mapping[str, float], overhead_s: float = 0.0) -> float:
+    """Seconds of a step whose profile `traffic` holds per-class buckets (class_bucket_flops/bytes,
+    class_ops), on a machine with roofs F, B, class efficiencies and a per-op overhead.
+
+    The step's FLOPs the op formulas do not count (total_flops minus the buckets') join class
+    "other", bucket 0, as in the roofline. A class missing from `efficiency` counts as 1."""
+    n = len(INTENSITY_EDGES)
+    work_f, work_b = [0.0] * n, [0.0] * n
+    for c, flops in traffic["class_bucket_flops"].items():
+        e = float(efficiency.get(c, 1.0))
+        for i, (f, b) in enumerate(zip(flops, traffic["class_bucket_bytes"][c])):
+            work_f[i] += f / e
+            work_b[i] += b / e
+    counted = sum(sum(v) for v in traffic["class_bucket_flops"].values())
+    work_f[0] += max(0.0, float(total_flops) - counted) / float(efficiency.get("other", 1.0))
+    ops = sum(traffic.get("class_ops", {}).values())
+    return sum(max(f / flops_per_s, b / bytes_per_s) for f, b in zip(work_f, work_b)) + ops * overhead_s
+
+
+def median_thread_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median CPU seconds of this thread per call of `fn`, over `repeats` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
+
+
+def _rand(*shape, gen):
+    return torch.randn(*shape, generator=gen)
+
+
+def _conv_cases(gen, depthwise: bool):
+    """(input, weight, padding, groups) per rung: depthwise 3x3 and 5x5 on 4c channels (the expanded
+    width they sit on); dense 3x3 c -> c and the 1x1 pair c -> 4c -> c (expansion, projection)."""
+    cases = []
+    for c, s in RUNGS:
+        if depthwise:
+            x = _rand(BATCH, 4 * c, s, s, gen=gen)
+            cases += [(x, _rand(4 * c, 1, k, k, gen=gen), k // 2, 4 * c) for k in (3, 5)]
+        else:
+            x, wide = _rand(BATCH, c, s, s, gen=gen), _rand(BATCH, 4 * c, s, s, gen=gen)
+            cases += [(x, _rand(c, c, 3, 3, gen=gen), 1, 1), (x, _rand(4 * c, c, 1, 1, gen=gen), 0, 1),
+                      (wide, _rand(c, 4 * c, 1, 1, gen=gen), 0, 1)]
+    return cases
+
+
+def _conv_forward(cases):
+    def run():
+        for x, w, p, g in cases:
+            aten.convolution(x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], g)
+    return run
+
+
+def _conv_backward(cases):
+    # stride 1, same padding: the output has the input's map size and the weight's channels
+    grads = [torch.ones(x.shape[0], w.shape[0], *x.shape[2:]) for x, w, *_ in cases]
+
+    def run():
+        for go, (x, w, p, g) in zip(grads, cases):
+            aten.convolution_backward(go, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], g, [True, True, False])
+    return run
+
+
+def _matmul(gen):
+    pairs = []
+    for c, _ in RUNGS:
+        x, w = _rand(BATCH, c, gen=gen), _rand(c, 2 * c, gen=gen)
+        pairs += [(x, w), (_rand(2 * c, BATCH, gen=gen), x)]  # forward; a weight gradient (c_out x batch) @ (batch x c)
+    return lambda: [aten.mm(a, b) for a, b in pairs]
+
+
+def _batch_norm(gen):
+    cases = []
+    for c, s in RUNGS:
+        x = _rand(BATCH, 4 * c, s, s, gen=gen)  # 4x: BatchNorm also sits on the expanded (wide) layers
+        w, b = torch.ones(4 * c), torch.zeros(4 * c)
+        cases.append((x, w, b, torch.zeros(4 * c), torch.ones(4 * c)))
+
+    def run():
+        for x, w, b, rm, rv in cases:
+            out, mean, invstd = aten.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+            aten.native_batch_norm_backward(out, x, w, rm, rv, mean, invstd, True, 1e-5, [True, True, True])
+    return run
+
+
+def _elementwise(gen):
+    """An activation's forward and backward, a residual add and a copy at each rung's wide layer;
+    torch's AdamW (single-tensor, as a client's optimizer runs on CPU) on the rungs' weights."""
+    acts = [_rand(BATCH, 4 * c, s, s, gen=gen) for c, s in RUNGS]
+    params = []
+    for c, _ in RUNGS:
+        params += [_rand(c, c, 3, 3, gen=gen), _rand(4 * c, c, 1, 1, gen=gen), _rand(c, 4 * c, 1, 1, gen=gen),
+                   _rand(4 * c, gen=gen)]
+    params = [torch.nn.Parameter(p) for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+
+    def run():
+        for a in acts:
+            y = aten.relu(a)
+            aten.threshold_backward(a, y, 0.0)
+            aten.add(a, y)
+            aten.clone(a)
+        optimizer.step()
+    return run
+
+
+def _benchmarks(gen) -> dict[str, Callable[[], object]]:
+    dense, depthwise = _conv_cases(gen, False), _conv_cases(gen, True)
+    return {"conv": _conv_forward(dense), "conv_backward": _conv_backward(dense),
+            "depthwise_conv": _conv_forward(depthwise), "depthwise_conv_backward": _conv_backward(depthwise),
+            "matmul": _matmul(gen), "batch_norm": _batch_norm(gen), "other": _elementwise(gen)}
+
+
+def measure_overhead_s(repeats: int = 7, length: int = 200) -> float:
+    """CPU seconds per op of a training step on 1-element tensors: a chain of `length` multiplies
+    with autograd on, its backward and a plain SGD-style update, timed and divided by the aten ops
+    it runs (counted by TrafficMode). Work is nil, so this is each op's fixed cost as a step pays it
+    (dispatch, autograd's graph, allocation)."""
+    w = torch.ones(1, requires_grad=True)
+
+    def run():
+        w.grad = None
+        y = w
+        for _ in range(length):
+            y = y * w
+        y.sum().backward()
+        with torch.no_grad():
+            w.add_(w.grad, alpha=-1e-9)
+
+    with TrafficMode() as mode:
+        run()
+    ops = sum(mode.class_ops.values())
+    return median_thread_time(run, repeats) / ops
+
+
+def measure_kernel_efficiency(flops_per_s: float, bytes_per_s: float, repeats: int = 5) -> dict:
+    """Per-op overhead and each class's efficiency on this machine, against roofs F and B.
+
+    Returns {"overhead_s", "efficiency": {class: e}, "classes": {class: {ops, seconds, roofline_s}}}."""
+    gen = torch.Generator().manual_seed(0)
+    overhead = measure_overhead_s(repeats)
+    result = {"overhead_s": overhead, "efficiency": {}, "classes": {}}
+    for cls, run in _benchmarks(gen).items():
+        with TrafficMode() as mode:
+            run()
+        stray = [c for c in OP_CLASSES if c != cls and mode.class_ops[c]]
+        if stray:  # the microbenchmark of a class must run that class's ops only
+            raise RuntimeError(f"kernel microbenchmark {cls!r} ran ops of class(es) {stray}")
+        ops = mode.class_ops[cls]
+        roof = sum(max(f / flops_per_s, b / bytes_per_s)
+                   for f, b in zip(mode.class_bucket_flops[cls], mode.class_bucket_bytes[cls]))
+        seconds = median_thread_time(run, repeats)
+        work = max(seconds - ops * overhead, 0.05 * seconds)  # the overhead never explains it all
+        result["efficiency"][cls] = roof / work
+        result["classes"][cls] = {"ops": ops, "seconds": seconds, "roofline_s": roof}
+    return result
