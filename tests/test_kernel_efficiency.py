@@ -46,6 +46,9 @@ def test_calibrated_time_with_unit_efficiency_and_no_overhead_is_the_roofline():
             assert calibrated_time_s(total, t, F, B, ones, 0.0) == pytest.approx(roofline_time_s(total, t, F, B))
     base = calibrated_time_s(counted, t, 1e9, 1e8, ones, 0.0)
     assert calibrated_time_s(counted, t, 1e9, 1e8, ones, 1e-6) == pytest.approx(base + t["ops"] * 1e-6)
+    per_class = {"conv": 1e-3, "other": 1e-6}  # classes not named cost nothing per op
+    assert calibrated_time_s(counted, t, 1e9, 1e8, ones, per_class) == pytest.approx(
+        base + t["class_ops"]["conv"] * 1e-3 + t["class_ops"]["other"] * 1e-6)
     slow_dw = calibrated_time_s(counted, t, 1e9, 1e8, {**ones, "depthwise_conv_backward": 0.1}, 0.0)
     assert slow_dw > base  # a class below its roof takes longer
 
@@ -57,7 +60,8 @@ def test_microbenchmarks_measure_every_class_and_find_depthwise_backward_far_bel
         k = measure_kernel_efficiency(1e11, 2e10, repeats=1)
     finally:
         torch.set_num_threads(threads)
-    assert set(k["efficiency"]) == set(OP_CLASSES) and 0 < k["overhead_s"] < 1e-3
+    assert set(k["efficiency"]) == set(k["overhead_s"]) == set(OP_CLASSES)
+    assert all(0 < o < 1e-3 for o in k["overhead_s"].values())
     assert all(e > 0 and k["classes"][c]["ops"] > 0 for c, e in k["efficiency"].items())
     # the effect the calibration exists for: CPU depthwise conv backward runs far below the dense conv's rate
     assert k["efficiency"]["depthwise_conv_backward"] < 0.5 * k["efficiency"]["conv_backward"]

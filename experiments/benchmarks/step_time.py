@@ -133,7 +133,7 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
             start = time.thread_time()
             out = func(*args, **kwargs)
             spent = time.thread_time() - start
-            moved = 0 if func in _NO_TRAFFIC or func.is_view else op_bytes(args, kwargs, out)
+            moved = 0 if func in _NO_TRAFFIC or func.is_view else op_bytes(args, kwargs, out, func)
             formula = _FLOPS.get(func._overloadpacket)
             flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
             if func in _NO_TRAFFIC or func.is_view:
@@ -143,7 +143,7 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
             row[0] += 1
             row[1] += spent
             row[2] += max(flops / F, moved / B)
-            row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] + kernels["overhead_s"]
+            row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] + kernels["overhead_s"][cls]
             return out
 
     step = build_step(model_name, method_name, input_size, batch_size)
@@ -181,9 +181,9 @@ def main(argv=None) -> int:
           f"(GEMM {flops_cal['gemm_flops_per_s'] / 1e9:.2f}); B = {B / 1e9:.2f} GB/s add "
           f"(copy {bw_cal['copy_bytes_per_s'] / 1e9:.2f}), ridge {F / B:.1f} FLOP/byte; re-measured before each cell")
     kernels = measure_kernel_efficiency(F, B, args.repeats)
-    print(f"kernel efficiency against these roofs (re-measured before each cell) (microbenchmarks, fedpeft/profiling/kernel_efficiency.py): "
-          + ", ".join(f"{c} {e:.3f}" for c, e in kernels["efficiency"].items())
-          + f"; per-op overhead {kernels['overhead_s'] * 1e6:.2f} us")
+    print("kernel efficiency against these roofs, and fixed cost per op (microbenchmarks, "
+          "fedpeft/profiling/kernel_efficiency.py; re-measured before each cell): "
+          + ", ".join(f"{c} {e:.3f} {kernels['overhead_s'][c] * 1e6:.1f} us" for c, e in kernels["efficiency"].items()))
 
     rows = []
     header = f"{'model':<20}{'method':<10}{'GFLOP':>8}{'MB moved':>10}{'measured ms':>13}" \

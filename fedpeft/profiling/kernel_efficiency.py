@@ -6,16 +6,16 @@ training do not: a depthwise conv's backward at 32x32 runs ~30x below its roofli
 and every op pays a fixed cost (dispatch, allocation) however small it is. This module measures,
 on the machine it runs on,
 
-  overhead_s      the time per op of a training step on 1-element tensors (dispatch, autograd,
-                  allocation: what every op pays however small), charged once per op of a step;
-  efficiency[c]   for each op class c (fedpeft.profiling.traffic.OP_CLASSES): the roofline time of
-                  a set of class-c ops at generic CNN shapes over their measured time (less their
-                  overhead), so 1.0 = at the roof, 0.1 = ten times slower;
+  overhead_s[c]   for each op class c (fedpeft.profiling.traffic.OP_CLASSES): the time of one
+                  class-c op with next to no work (dispatch, allocation, the kernel library's
+                  set-up: ~1 us for an add, tens of us for a CPU conv), charged once per op;
+  efficiency[c]   the roofline time of a set of class-c ops at generic CNN shapes over their
+                  measured time less their overhead, so 1.0 = at the roof, 0.1 = ten times slower;
 
 and predicts a step from its profile's per-class traffic:
 
   time = sum over intensity buckets of max(sum_c flops_cb / e_c / F, sum_c bytes_cb / e_c / B)
-         + ops x overhead_s
+         + sum_c ops_c x overhead_s[c]
 
 With every efficiency 1 and no overhead this is exactly the roofline. The microbenchmarks use a
 ladder of shapes not taken from any model, batch 32: (channels, map size) = (32, 16), (64, 8),
@@ -39,16 +39,19 @@ from fedpeft.profiling.traffic import INTENSITY_EDGES, OP_CLASSES, TrafficMode
 
 aten = torch.ops.aten
 RUNGS = ((32, 16), (64, 8), (128, 4), (256, 2), (512, 1))  # (channels, map size)
+TINY_RUNG = (2, 2)  # 8 channels on the wide layers, a 2x2 map: an op's fixed cost, next to no work
 BATCH = 32
 
 
 def calibrated_time_s(total_flops: float, traffic: Mapping, flops_per_s: float, bytes_per_s: float,
-                      efficiency: Mapping[str, float], overhead_s: float = 0.0) -> float:
+                      efficiency: Mapping[str, float], overhead_s: float | Mapping[str, float] = 0.0) -> float:
     """Seconds of a step whose profile `traffic` holds per-class buckets (class_bucket_flops/bytes,
-    class_ops), on a machine with roofs F, B, class efficiencies and a per-op overhead.
+    class_ops), on a machine with roofs F, B, class efficiencies and a per-op overhead (seconds,
+    one for every class or per class).
 
     The step's FLOPs the op formulas do not count (total_flops minus the buckets') join class
-    "other", bucket 0, as in the roofline. A class missing from `efficiency` counts as 1."""
+    "other", bucket 0, as in the roofline. A class missing from `efficiency` counts as 1, one
+    missing from a per-class `overhead_s` as 0."""
     n = len(INTENSITY_EDGES)
     work_f, work_b = [0.0] * n, [0.0] * n
     for c, flops in traffic["class_bucket_flops"].items():
@@ -58,8 +61,9 @@ def calibrated_time_s(total_flops: float, traffic: Mapping, flops_per_s: float, 
             work_b[i] += b / e
     counted = sum(sum(v) for v in traffic["class_bucket_flops"].values())
     work_f[0] += max(0.0, float(total_flops) - counted) / float(efficiency.get("other", 1.0))
-    ops = sum(traffic.get("class_ops", {}).values())
-    return sum(max(f / flops_per_s, b / bytes_per_s) for f, b in zip(work_f, work_b)) + ops * overhead_s
+    per_op = overhead_s if isinstance(overhead_s, Mapping) else {c: overhead_s for c in traffic["class_ops"]}
+    fixed = sum(n * float(per_op.get(c, 0.0)) for c, n in traffic["class_ops"].items())
+    return sum(max(f / flops_per_s, b / bytes_per_s) for f, b in zip(work_f, work_b)) + fixed
 
 
 def median_thread_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -78,11 +82,11 @@ def _rand(*shape, gen):
     return torch.randn(*shape, generator=gen)
 
 
-def _conv_cases(gen, depthwise: bool):
+def _conv_cases(gen, depthwise: bool, rungs):
     """(input, weight, padding, groups) per rung: depthwise 3x3 and 5x5 on 4c channels (the expanded
     width they sit on); dense 3x3 c -> c and the 1x1 pair c -> 4c -> c (expansion, projection)."""
     cases = []
-    for c, s in RUNGS:
+    for c, s in rungs:
         if depthwise:
             x = _rand(BATCH, 4 * c, s, s, gen=gen)
             cases += [(x, _rand(4 * c, 1, k, k, gen=gen), k // 2, 4 * c) for k in (3, 5)]
@@ -110,17 +114,17 @@ def _conv_backward(cases):
     return run
 
 
-def _matmul(gen):
+def _matmul(gen, rungs):
     pairs = []
-    for c, _ in RUNGS:
+    for c, _ in rungs:
         x, w = _rand(BATCH, c, gen=gen), _rand(c, 2 * c, gen=gen)
         pairs += [(x, w), (_rand(2 * c, BATCH, gen=gen), x)]  # forward; a weight gradient (c_out x batch) @ (batch x c)
     return lambda: [aten.mm(a, b) for a, b in pairs]
 
 
-def _batch_norm(gen):
+def _batch_norm(gen, rungs):
     cases = []
-    for c, s in RUNGS:
+    for c, s in rungs:
         x = _rand(BATCH, 4 * c, s, s, gen=gen)  # 4x: BatchNorm also sits on the expanded (wide) layers
         w, b = torch.ones(4 * c), torch.zeros(4 * c)
         cases.append((x, w, b, torch.zeros(4 * c), torch.ones(4 * c)))
@@ -132,12 +136,12 @@ def _batch_norm(gen):
     return run
 
 
-def _elementwise(gen):
+def _elementwise(gen, rungs):
     """An activation's forward and backward, a residual add and a copy at each rung's wide layer;
     torch's AdamW (single-tensor, as a client's optimizer runs on CPU) on the rungs' weights."""
-    acts = [_rand(BATCH, 4 * c, s, s, gen=gen) for c, s in RUNGS]
+    acts = [_rand(BATCH, 4 * c, s, s, gen=gen) for c, s in rungs]
     params = []
-    for c, _ in RUNGS:
+    for c, _ in rungs:
         params += [_rand(c, c, 3, 3, gen=gen), _rand(4 * c, c, 1, 1, gen=gen), _rand(c, 4 * c, 1, 1, gen=gen),
                    _rand(4 * c, gen=gen)]
     params = [torch.nn.Parameter(p) for p in params]
@@ -155,53 +159,46 @@ def _elementwise(gen):
     return run
 
 
-def _benchmarks(gen) -> dict[str, Callable[[], object]]:
-    dense, depthwise = _conv_cases(gen, False), _conv_cases(gen, True)
+def _benchmarks(gen, rungs) -> dict[str, Callable[[], object]]:
+    dense, depthwise = _conv_cases(gen, False, rungs), _conv_cases(gen, True, rungs)
     return {"conv": _conv_forward(dense), "conv_backward": _conv_backward(dense),
             "depthwise_conv": _conv_forward(depthwise), "depthwise_conv_backward": _conv_backward(depthwise),
-            "matmul": _matmul(gen), "batch_norm": _batch_norm(gen), "other": _elementwise(gen)}
+            "matmul": _matmul(gen, rungs), "batch_norm": _batch_norm(gen, rungs), "other": _elementwise(gen, rungs)}
 
 
-def measure_overhead_s(repeats: int = 7, length: int = 200) -> float:
-    """CPU seconds per op of a training step on 1-element tensors: a chain of `length` multiplies
-    with autograd on, its backward and a plain SGD-style update, timed and divided by the aten ops
-    it runs (counted by TrafficMode). Work is nil, so this is each op's fixed cost as a step pays it
-    (dispatch, autograd's graph, allocation)."""
-    w = torch.ones(1, requires_grad=True)
-
-    def run():
-        w.grad = None
-        y = w
-        for _ in range(length):
-            y = y * w
-        y.sum().backward()
-        with torch.no_grad():
-            w.add_(w.grad, alpha=-1e-9)
-
+def _counted(cls: str, run: Callable[[], object], flops_per_s: float, bytes_per_s: float) -> tuple[int, float]:
+    """Ops and roofline seconds of one call of a class's microbenchmark (counted by TrafficMode)."""
     with TrafficMode() as mode:
         run()
-    ops = sum(mode.class_ops.values())
-    return median_thread_time(run, repeats) / ops
+    stray = [c for c in OP_CLASSES if c != cls and mode.class_ops[c]]
+    if stray:  # the microbenchmark of a class must run that class's ops only
+        raise RuntimeError(f"kernel microbenchmark {cls!r} ran ops of class(es) {stray}")
+    roof = sum(max(f / flops_per_s, b / bytes_per_s)
+               for f, b in zip(mode.class_bucket_flops[cls], mode.class_bucket_bytes[cls]))
+    return mode.class_ops[cls], roof
 
 
 def measure_kernel_efficiency(flops_per_s: float, bytes_per_s: float, repeats: int = 5) -> dict:
-    """Per-op overhead and each class's efficiency on this machine, against roofs F and B.
+    """Each class's per-op overhead and efficiency on this machine, against roofs F and B.
 
-    Returns {"overhead_s", "efficiency": {class: e}, "classes": {class: {ops, seconds, roofline_s}}}."""
+    Overhead of class c: the time per op of c's microbenchmark on TINY_RUNG (8 wide channels on a
+    2x2 map, batch 32: no work to speak of, so what is left is the op's fixed cost: dispatch,
+    allocation, the kernel library's set-up, which for a CPU conv is tens of microseconds).
+    Efficiency of class c: the roofline seconds of c's microbenchmark on RUNGS over its measured
+    seconds less its ops' overhead.
+
+    Returns {"overhead_s": {class: s}, "efficiency": {class: e}, "classes": {class: {ops, seconds,
+    roofline_s}}}."""
     gen = torch.Generator().manual_seed(0)
-    overhead = measure_overhead_s(repeats)
-    result = {"overhead_s": overhead, "efficiency": {}, "classes": {}}
-    for cls, run in _benchmarks(gen).items():
-        with TrafficMode() as mode:
-            run()
-        stray = [c for c in OP_CLASSES if c != cls and mode.class_ops[c]]
-        if stray:  # the microbenchmark of a class must run that class's ops only
-            raise RuntimeError(f"kernel microbenchmark {cls!r} ran ops of class(es) {stray}")
-        ops = mode.class_ops[cls]
-        roof = sum(max(f / flops_per_s, b / bytes_per_s)
-                   for f, b in zip(mode.class_bucket_flops[cls], mode.class_bucket_bytes[cls]))
+    result = {"overhead_s": {}, "efficiency": {}, "classes": {}}
+    tiny = _benchmarks(gen, (TINY_RUNG,))
+    for cls, run in _benchmarks(gen, RUNGS).items():
+        tiny_ops, _ = _counted(cls, tiny[cls], flops_per_s, bytes_per_s)
+        overhead = median_thread_time(tiny[cls], repeats) / tiny_ops
+        ops, roof = _counted(cls, run, flops_per_s, bytes_per_s)
         seconds = median_thread_time(run, repeats)
         work = max(seconds - ops * overhead, 0.05 * seconds)  # the overhead never explains it all
+        result["overhead_s"][cls] = overhead
         result["efficiency"][cls] = roof / work
         result["classes"][cls] = {"ops": ops, "seconds": seconds, "roofline_s": roof}
     return result

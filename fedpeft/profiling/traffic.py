@@ -4,7 +4,8 @@ FLOPs alone mispredict step time: a depthwise conv, a BatchNorm or an optimizer 
 more bytes per FLOP than a dense conv, so it runs at the memory's pace, not the ALUs'. This
 module counts, for every aten op the step dispatches (forward, backward, optimizer), the bytes it
 moves: every tensor it reads (inputs) plus every tensor it writes (outputs), each counted
-numel x element size (an expanded input, stride 0, counts its distinct elements once). Ops that
+numel x element size (an expanded input, stride 0, counts its distinct elements once); an
+indexing op (index_select, gather, index, index_copy_, ...) counts only the elements it indexes. Ops that
 only make a view (`OpOverload.is_view`: view, t, transpose, expand, ...) and `detach` move
 nothing and count 0. An in-place op (`add_`) reads and writes its target, so counts it twice.
 Caches are ignored: this is the traffic a device with no cache reuse between ops would see.
@@ -83,10 +84,28 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return distinct * t.element_size() if t.numel() else 0
 
 
-def op_bytes(args, kwargs, out) -> int:
-    """Bytes one op moves: every tensor argument read plus every tensor result written."""
+#: Ops that read only the elements they gather from their first argument (as many as they write)
+_GATHERS = {aten.index_select, aten.gather, aten.index}
+#: In-place ops that write their source's elements into their first argument at an index, leaving the
+#: rest of it untouched: they move the source (read, written; index_add_ also reads what it adds to)
+_SCATTERS = {aten.index_copy_: 2, aten.index_add_: 3, aten.scatter_: 2, aten.scatter_add_: 3}
+
+
+def op_bytes(args, kwargs, out, func=None) -> int:
+    """Bytes one op moves: every tensor argument read plus every tensor result written. An indexing
+    op (`func` in _GATHERS, _SCATTERS) touches only the indexed elements of its first argument, not
+    all of it: a gather reads what it writes, an in-place scatter moves its source."""
     flat_in, _ = tree_flatten((args, kwargs))
     flat_out, _ = tree_flatten(out)
+    packet = getattr(func, "_overloadpacket", None)
+    if packet in _GATHERS or packet in _SCATTERS:
+        rest, _ = tree_flatten((args[1:], kwargs))  # indices (and a scatter's source)
+        moved = sum(tensor_bytes(t) for t in rest if isinstance(t, torch.Tensor))
+        if packet in _GATHERS:
+            return moved + 2 * sum(tensor_bytes(t) for t in flat_out if isinstance(t, torch.Tensor))
+        source = args[-1] if isinstance(args[-1], torch.Tensor) else kwargs.get("src", kwargs.get("source"))
+        if isinstance(source, torch.Tensor):
+            return moved + (_SCATTERS[packet] - 1) * tensor_bytes(source)
     return sum(tensor_bytes(t) for t in flat_in + flat_out if isinstance(t, torch.Tensor))
 
 
@@ -125,7 +144,7 @@ class TrafficMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _NO_TRAFFIC or getattr(func, "is_view", False):
             return out
-        nbytes = op_bytes(args, kwargs, out)
+        nbytes = op_bytes(args, kwargs, out, func)
         formula = _FLOPS.get(func._overloadpacket)
         flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
         self.bytes[self.phase] += nbytes
