@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from fedpeft.profiling import profile_step  # noqa: E402
 from fedpeft.profiling.kernel_efficiency import calibrated_time_s, measure_kernel_efficiency  # noqa: E402
-from fedpeft.profiling.traffic import op_class, roofline_time_s  # noqa: E402
+from fedpeft.profiling.traffic import kernel_calls, op_class, roofline_time_s  # noqa: E402
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "mobilenet_v2_035")
 METHODS = ("fft", "bn_head", "lora", "dora", "galore", "taskedge")
@@ -143,7 +143,8 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
             row[0] += 1
             row[1] += spent
             row[2] += max(flops / F, moved / B)
-            row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] + kernels["overhead_s"][cls]
+            row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] \
+                + kernels["overhead_s"][cls] * kernel_calls(func, args)
             return out
 
     step = build_step(model_name, method_name, input_size, batch_size)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
           f"(GEMM {flops_cal['gemm_flops_per_s'] / 1e9:.2f}); B = {B / 1e9:.2f} GB/s add "
           f"(copy {bw_cal['copy_bytes_per_s'] / 1e9:.2f}), ridge {F / B:.1f} FLOP/byte; re-measured before each cell")
     kernels = measure_kernel_efficiency(F, B, args.repeats)
-    print("kernel efficiency against these roofs, and fixed cost per op (microbenchmarks, "
+    print("kernel efficiency against these roofs, and fixed cost per kernel call (microbenchmarks, "
           "fedpeft/profiling/kernel_efficiency.py; re-measured before each cell): "
           + ", ".join(f"{c} {e:.3f} {kernels['overhead_s'][c] * 1e6:.1f} us" for c, e in kernels["efficiency"].items()))
 
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
                                            kernels["overhead_s"])
             row = {"model": model_name, "method": method_name, "flops": cost.total_flops, "F": F, "B": B,
                    "traffic_bytes": cost.traffic["total"], "measured_s": measured,
-                   "ops": sum(cost.traffic["class_ops"].values()),
+                   "kernels": sum(cost.traffic["class_kernels"].values()),
                    "flops_only_s": before, "roofline_s": after, "calibrated_s": calibrated,
                    "efficiency": kernels["efficiency"], "overhead_s": kernels["overhead_s"],
                    "error_flops_only": (before - measured) / measured, "error_roofline": (after - measured) / measured,

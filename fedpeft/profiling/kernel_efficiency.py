@@ -8,14 +8,15 @@ on the machine it runs on,
 
   overhead_s[c]   for each op class c (fedpeft.profiling.traffic.OP_CLASSES): the time of one
                   class-c op with next to no work (dispatch, allocation, the kernel library's
-                  set-up: ~1 us for an add, tens of us for a CPU conv), charged once per op;
+                  set-up: ~1 us for an add, tens of us for a CPU conv), charged once per kernel
+                  call (an op, or each gradient of a conv backward: traffic.kernel_calls);
   efficiency[c]   the roofline time of a set of class-c ops at generic CNN shapes over their
                   measured time less their overhead, so 1.0 = at the roof, 0.1 = ten times slower;
 
 and predicts a step from its profile's per-class traffic:
 
   time = sum over intensity buckets of max(sum_c flops_cb / e_c / F, sum_c bytes_cb / e_c / B)
-         + sum_c ops_c x overhead_s[c]
+         + sum_c kernels_c x overhead_s[c]
 
 With every efficiency 1 and no overhead this is exactly the roofline. The microbenchmarks use a
 ladder of shapes not taken from any model, batch 32: (channels, map size) = (32, 16), (64, 8),
@@ -46,8 +47,8 @@ BATCH = 32
 def calibrated_time_s(total_flops: float, traffic: Mapping, flops_per_s: float, bytes_per_s: float,
                       efficiency: Mapping[str, float], overhead_s: float | Mapping[str, float] = 0.0) -> float:
     """Seconds of a step whose profile `traffic` holds per-class buckets (class_bucket_flops/bytes,
-    class_ops), on a machine with roofs F, B, class efficiencies and a per-op overhead (seconds,
-    one for every class or per class).
+    class_kernels), on a machine with roofs F, B, class efficiencies and a fixed cost per kernel call
+    (seconds, one for every class or per class).
 
     The step's FLOPs the op formulas do not count (total_flops minus the buckets') join class
     "other", bucket 0, as in the roofline. A class missing from `efficiency` counts as 1, one
@@ -61,8 +62,8 @@ def calibrated_time_s(total_flops: float, traffic: Mapping, flops_per_s: float, 
             work_b[i] += b / e
     counted = sum(sum(v) for v in traffic["class_bucket_flops"].values())
     work_f[0] += max(0.0, float(total_flops) - counted) / float(efficiency.get("other", 1.0))
-    per_op = overhead_s if isinstance(overhead_s, Mapping) else {c: overhead_s for c in traffic["class_ops"]}
-    fixed = sum(n * float(per_op.get(c, 0.0)) for c, n in traffic["class_ops"].items())
+    per_op = overhead_s if isinstance(overhead_s, Mapping) else {c: overhead_s for c in traffic["class_kernels"]}
+    fixed = sum(n * float(per_op.get(c, 0.0)) for c, n in traffic["class_kernels"].items())
     return sum(max(f / flops_per_s, b / bytes_per_s) for f, b in zip(work_f, work_b)) + fixed
 
 
@@ -167,38 +168,38 @@ def _benchmarks(gen, rungs) -> dict[str, Callable[[], object]]:
 
 
 def _counted(cls: str, run: Callable[[], object], flops_per_s: float, bytes_per_s: float) -> tuple[int, float]:
-    """Ops and roofline seconds of one call of a class's microbenchmark (counted by TrafficMode)."""
+    """Kernel calls and roofline seconds of one call of a class's microbenchmark (TrafficMode)."""
     with TrafficMode() as mode:
         run()
-    stray = [c for c in OP_CLASSES if c != cls and mode.class_ops[c]]
+    stray = [c for c in OP_CLASSES if c != cls and mode.class_kernels[c]]
     if stray:  # the microbenchmark of a class must run that class's ops only
         raise RuntimeError(f"kernel microbenchmark {cls!r} ran ops of class(es) {stray}")
     roof = sum(max(f / flops_per_s, b / bytes_per_s)
                for f, b in zip(mode.class_bucket_flops[cls], mode.class_bucket_bytes[cls]))
-    return mode.class_ops[cls], roof
+    return mode.class_kernels[cls], roof
 
 
 def measure_kernel_efficiency(flops_per_s: float, bytes_per_s: float, repeats: int = 5) -> dict:
-    """Each class's per-op overhead and efficiency on this machine, against roofs F and B.
+    """Each class's fixed cost per kernel call and efficiency on this machine, against roofs F and B.
 
-    Overhead of class c: the time per op of c's microbenchmark on TINY_RUNG (8 wide channels on a
+    Overhead of class c: the time per kernel call of c's microbenchmark on TINY_RUNG (8 wide channels on a
     2x2 map, batch 32: no work to speak of, so what is left is the op's fixed cost: dispatch,
     allocation, the kernel library's set-up, which for a CPU conv is tens of microseconds).
     Efficiency of class c: the roofline seconds of c's microbenchmark on RUNGS over its measured
-    seconds less its ops' overhead.
+    seconds less its kernel calls' overhead.
 
-    Returns {"overhead_s": {class: s}, "efficiency": {class: e}, "classes": {class: {ops, seconds,
+    Returns {"overhead_s": {class: s}, "efficiency": {class: e}, "classes": {class: {kernels, seconds,
     roofline_s}}}."""
     gen = torch.Generator().manual_seed(0)
     result = {"overhead_s": {}, "efficiency": {}, "classes": {}}
     tiny = _benchmarks(gen, (TINY_RUNG,))
     for cls, run in _benchmarks(gen, RUNGS).items():
-        tiny_ops, _ = _counted(cls, tiny[cls], flops_per_s, bytes_per_s)
-        overhead = median_thread_time(tiny[cls], repeats) / tiny_ops
-        ops, roof = _counted(cls, run, flops_per_s, bytes_per_s)
+        tiny_kernels, _ = _counted(cls, tiny[cls], flops_per_s, bytes_per_s)
+        overhead = median_thread_time(tiny[cls], repeats) / tiny_kernels
+        kernels, roof = _counted(cls, run, flops_per_s, bytes_per_s)
         seconds = median_thread_time(run, repeats)
-        work = max(seconds - ops * overhead, 0.05 * seconds)  # the overhead never explains it all
+        work = max(seconds - kernels * overhead, 0.05 * seconds)  # the overhead never explains it all
         result["overhead_s"][cls] = overhead
         result["efficiency"][cls] = roof / work
-        result["classes"][cls] = {"ops": ops, "seconds": seconds, "roofline_s": roof}
+        result["classes"][cls] = {"kernels": kernels, "seconds": seconds, "roofline_s": roof}
     return result

@@ -24,7 +24,7 @@ only) sit in bucket 0 with intensity 0: they take bytes / B.
 
 Each op also has a *class* (OP_CLASSES: dense or depthwise/grouped conv, forward or backward,
 matmul, batch norm, other), and the buckets are kept per class too (`class_bucket_flops`,
-`class_bucket_bytes`, `class_ops`): real kernels reach their roofs to very different degrees by
+`class_bucket_bytes`; `class_kernels`: kernel calls, see kernel_calls): real kernels reach their roofs to very different degrees by
 class (a CPU's depthwise conv backward at 32x32 runs ~30x below its roofline), and
 fedpeft/profiling/kernel_efficiency.py scales each class by an efficiency measured on a machine.
 Summed over the classes the per-class buckets are exactly the step's buckets.
@@ -55,6 +55,16 @@ _FLOPS = {**flop_registry, aten.convolution_backward: shape_wrapper(conv_backwar
 OP_CLASSES = ("conv", "conv_backward", "depthwise_conv", "depthwise_conv_backward", "matmul", "batch_norm",
               "other")
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+
+
+def kernel_calls(func, args) -> int:
+    """Kernels an aten op runs: 1, except a conv backward, which runs one per gradient it computes
+    (input, weight: output_mask), so a frozen layer's backward (input gradient only) counts 1 and
+    a trained one's 2. Each kernel pays its own fixed cost (kernel_efficiency.py)."""
+    if func._overloadpacket == aten.convolution_backward:
+        mask = args[10]
+        return max(1, int(bool(mask[0])) + int(bool(mask[1])))
+    return 1
 
 
 def op_class(func, args) -> str:
@@ -135,7 +145,7 @@ class TrafficMode(TorchDispatchMode):
         self.bucket_bytes = [0] * len(INTENSITY_EDGES)
         self.by_op: dict[str, int] = {}
         n = len(INTENSITY_EDGES)
-        self.class_ops = {c: 0 for c in OP_CLASSES}
+        self.class_kernels = {c: 0 for c in OP_CLASSES}
         self.class_bucket_flops = {c: [0] * n for c in OP_CLASSES}
         self.class_bucket_bytes = {c: [0] * n for c in OP_CLASSES}
 
@@ -154,7 +164,7 @@ class TrafficMode(TorchDispatchMode):
         self.bucket_flops[b] += flops
         self.bucket_bytes[b] += nbytes
         cls = op_class(func, args)
-        self.class_ops[cls] += 1
+        self.class_kernels[cls] += kernel_calls(func, args)
         self.class_bucket_flops[cls][b] += flops
         self.class_bucket_bytes[cls][b] += nbytes
         name = str(func._overloadpacket.__name__)
@@ -172,8 +182,8 @@ class StepTraffic:
     bucket_flops: list = field(default_factory=list)
     bucket_bytes: list = field(default_factory=list)
     by_op: dict = field(default_factory=dict)
-    #: per op class (OP_CLASSES): ops, and FLOPs and bytes per intensity bucket
-    class_ops: dict = field(default_factory=dict)
+    #: per op class (OP_CLASSES): kernel calls (kernel_calls), and FLOPs and bytes per intensity bucket
+    class_kernels: dict = field(default_factory=dict)
     class_bucket_flops: dict = field(default_factory=dict)
     class_bucket_bytes: dict = field(default_factory=dict)
 
@@ -188,7 +198,7 @@ class StepTraffic:
                 "intensity_edges": list(INTENSITY_EDGES),
                 "bucket_flops": [int(v) for v in self.bucket_flops],
                 "bucket_bytes": [int(v) for v in self.bucket_bytes],
-                "class_ops": {c: int(v) for c, v in self.class_ops.items()},
+                "class_kernels": {c: int(v) for c, v in self.class_kernels.items()},
                 "class_bucket_flops": {c: [int(v) for v in vs] for c, vs in self.class_bucket_flops.items()},
                 "class_bucket_bytes": {c: [int(v) for v in vs] for c, vs in self.class_bucket_bytes.items()}}
 
@@ -208,6 +218,6 @@ def count_step_traffic(model: nn.Module, optimizer: torch.optim.Optimizer, input
         optimizer.step()
     return StepTraffic(mode.bytes["forward"], mode.bytes["backward"], mode.bytes["optimizer"],
                        ops=sum(mode.ops.values()), bucket_flops=mode.bucket_flops,
-                       bucket_bytes=mode.bucket_bytes, by_op=dict(mode.by_op), class_ops=dict(mode.class_ops),
+                       bucket_bytes=mode.bucket_bytes, by_op=dict(mode.by_op), class_kernels=dict(mode.class_kernels),
                        class_bucket_flops=dict(mode.class_bucket_flops),
                        class_bucket_bytes=dict(mode.class_bucket_bytes))
