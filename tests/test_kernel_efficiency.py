@@ -26,15 +26,15 @@ def test_ops_land_in_their_class_and_the_classes_add_up_to_the_step():
     kernels = t["class_kernels"]
     assert set(kernels) == set(OP_CLASSES)
     assert kernels["conv"] == 1 and kernels["depthwise_conv"] == 1  # groups > 1: the depthwise class
-    assert kernels["conv_backward"] == 1  # the first conv's input needs no gradient: its weight's only
-    assert kernels["depthwise_conv_backward"] == 2  # input and weight gradients: two kernels, one op
+    assert kernels["conv_grad_input"] == 0 and kernels["conv_grad_weight"] == 1  # the input needs no gradient
+    assert kernels["depthwise_grad_input"] == kernels["depthwise_grad_weight"] == 1  # one op, two kernels
     assert kernels["batch_norm"] == 2  # native_batch_norm and its backward
     assert kernels["matmul"] >= 2  # the linear layer's addmm and its weight/input gradients' mm
     assert kernels["other"] > 0 and sum(kernels.values()) == t["ops"] + 1  # + the depthwise backward's 2nd
     for key, per_class in (("bucket_flops", "class_bucket_flops"), ("bucket_bytes", "class_bucket_bytes")):
         summed = [sum(t[per_class][c][i] for c in OP_CLASSES) for i in range(len(t[key]))]
         assert summed == t[key]
-    assert sum(t["class_bucket_bytes"]["depthwise_conv_backward"]) > 0
+    assert sum(t["class_bucket_bytes"]["depthwise_grad_weight"]) > 0
     assert sum(t["class_bucket_flops"]["other"]) == 0  # the FLOP formulas count matmul and conv only
 
 
@@ -50,11 +50,11 @@ def test_calibrated_time_with_unit_efficiency_and_no_overhead_is_the_roofline():
     per_class = {"conv": 1e-3, "other": 1e-6}  # classes not named cost nothing per op
     assert calibrated_time_s(counted, t, 1e9, 1e8, ones, per_class) == pytest.approx(
         base + t["class_kernels"]["conv"] * 1e-3 + t["class_kernels"]["other"] * 1e-6)
-    slow_dw = calibrated_time_s(counted, t, 1e9, 1e8, {**ones, "depthwise_conv_backward": 0.1}, 0.0)
+    slow_dw = calibrated_time_s(counted, t, 1e9, 1e8, {**ones, "depthwise_grad_weight": 0.1}, 0.0)
     assert slow_dw > base  # a class below its roof takes longer
 
 
-def test_microbenchmarks_measure_every_class_and_find_depthwise_backward_far_below_its_roof():
+def test_microbenchmarks_measure_every_class_and_find_the_depthwise_weight_gradient_far_below_its_roof():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -64,8 +64,8 @@ def test_microbenchmarks_measure_every_class_and_find_depthwise_backward_far_bel
     assert set(k["efficiency"]) == set(k["overhead_s"]) == set(OP_CLASSES)
     assert all(0 < o < 1e-3 for o in k["overhead_s"].values())
     assert all(e > 0 and k["classes"][c]["kernels"] > 0 for c, e in k["efficiency"].items())
-    # the effect the calibration exists for: CPU depthwise conv backward runs far below the dense conv's rate
-    assert k["efficiency"]["depthwise_conv_backward"] < 0.5 * k["efficiency"]["conv_backward"]
+    # the effect the calibration exists for: a CPU's depthwise weight gradient runs far below the dense conv's rate
+    assert k["efficiency"]["depthwise_grad_weight"] < 0.5 * k["efficiency"]["conv_grad_weight"]
 
 
 def test_a_profile_carries_its_traffic_per_op_class():

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from fedpeft.profiling import profile_step  # noqa: E402
 from fedpeft.profiling.kernel_efficiency import calibrated_time_s, measure_kernel_efficiency  # noqa: E402
-from fedpeft.profiling.traffic import kernel_calls, op_class, roofline_time_s  # noqa: E402
+from fedpeft.profiling.traffic import op_parts, roofline_time_s  # noqa: E402
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "mobilenet_v2_035")
 METHODS = ("fft", "bn_head", "lora", "dora", "galore", "taskedge")
@@ -121,7 +121,7 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
     calibrated time (roofline / the class's efficiency + overhead per op)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fedpeft.profiling.traffic import _FLOPS, _NO_TRAFFIC, op_bytes
+    from fedpeft.profiling.traffic import _NO_TRAFFIC
 
     class Timed(TorchDispatchMode):
         def __init__(self):
@@ -133,18 +133,15 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
             start = time.thread_time()
             out = func(*args, **kwargs)
             spent = time.thread_time() - start
-            moved = 0 if func in _NO_TRAFFIC or func.is_view else op_bytes(args, kwargs, out, func)
-            formula = _FLOPS.get(func._overloadpacket)
-            flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
             if func in _NO_TRAFFIC or func.is_view:
                 return out
-            cls = op_class(func, args)
-            row = self.rows.setdefault(cls, [0, 0.0, 0.0, 0.0])
+            parts = op_parts(func, args, kwargs, out)  # a conv backward: one per gradient, timed together
+            row = self.rows.setdefault(" + ".join(cls for cls, _, _ in parts), [0, 0.0, 0.0, 0.0])
             row[0] += 1
             row[1] += spent
-            row[2] += max(flops / F, moved / B)
-            row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] \
-                + kernels["overhead_s"][cls] * kernel_calls(func, args)
+            for cls, flops, moved in parts:
+                row[2] += max(flops / F, moved / B)
+                row[3] += max(flops / F, moved / B) / kernels["efficiency"][cls] + kernels["overhead_s"][cls]
             return out
 
     step = build_step(model_name, method_name, input_size, batch_size)
@@ -154,9 +151,9 @@ def explain(model_name: str, method_name: str, input_size: int, batch_size: int,
     with mode:
         step()
     print(f"where the time goes, {model_name}/{method_name} (one step, each op timed alone):")
-    print(f"  {'op class':<26}{'ops':>5}{'measured ms':>13}{'roofline ms':>13}{'ratio':>7}{'calibrated ms':>15}")
+    print(f"  {'op class':<44}{'ops':>5}{'measured ms':>13}{'roofline ms':>13}{'ratio':>7}{'calibrated ms':>15}")
     for name, (count, spent, roof, cal) in sorted(mode.rows.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {name:<26}{count:>5}{spent * 1e3:>13.1f}{roof * 1e3:>13.1f}{spent / roof if roof else 0:>7.1f}"
+        print(f"  {name:<44}{count:>5}{spent * 1e3:>13.1f}{roof * 1e3:>13.1f}{spent / roof if roof else 0:>7.1f}"
               f"{cal * 1e3:>15.1f}")
 
 

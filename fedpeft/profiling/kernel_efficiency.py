@@ -2,14 +2,14 @@
 
 The roofline (fedpeft.devices.roofline_time_s) assumes every op runs at the machine's sustained
 FLOP/s F or memory bandwidth B, whichever binds. Real CPU kernels at the small shapes of edge
-training do not: a depthwise conv's backward at 32x32 runs ~30x below its roofline, BatchNorm ~5x,
+training do not: a depthwise conv's weight gradient at 32x32 runs ~30x below its roofline, BatchNorm ~5x,
 and every op pays a fixed cost (dispatch, allocation) however small it is. This module measures,
 on the machine it runs on,
 
   overhead_s[c]   for each op class c (fedpeft.profiling.traffic.OP_CLASSES): the time of one
                   class-c op with next to no work (dispatch, allocation, the kernel library's
                   set-up: ~1 us for an add, tens of us for a CPU conv), charged once per kernel
-                  call (an op, or each gradient of a conv backward: traffic.kernel_calls);
+                  (an op, or each gradient of a conv backward: traffic.op_parts);
   efficiency[c]   the roofline time of a set of class-c ops at generic CNN shapes over their
                   measured time less their overhead, so 1.0 = at the roof, 0.1 = ten times slower;
 
@@ -105,13 +105,15 @@ def _conv_forward(cases):
     return run
 
 
-def _conv_backward(cases):
+def _conv_backward(cases, mask):
+    """One gradient of each case's conv: mask [True, False, False] the input's, [False, True, False]
+    the weight's."""
     # stride 1, same padding: the output has the input's map size and the weight's channels
     grads = [torch.ones(x.shape[0], w.shape[0], *x.shape[2:]) for x, w, *_ in cases]
 
     def run():
         for go, (x, w, p, g) in zip(grads, cases):
-            aten.convolution_backward(go, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], g, [True, True, False])
+            aten.convolution_backward(go, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], g, mask)
     return run
 
 
@@ -162,8 +164,11 @@ def _elementwise(gen, rungs):
 
 def _benchmarks(gen, rungs) -> dict[str, Callable[[], object]]:
     dense, depthwise = _conv_cases(gen, False, rungs), _conv_cases(gen, True, rungs)
-    return {"conv": _conv_forward(dense), "conv_backward": _conv_backward(dense),
-            "depthwise_conv": _conv_forward(depthwise), "depthwise_conv_backward": _conv_backward(depthwise),
+    to_input, to_weight = [True, False, False], [False, True, False]
+    return {"conv": _conv_forward(dense), "conv_grad_input": _conv_backward(dense, to_input),
+            "conv_grad_weight": _conv_backward(dense, to_weight), "depthwise_conv": _conv_forward(depthwise),
+            "depthwise_grad_input": _conv_backward(depthwise, to_input),
+            "depthwise_grad_weight": _conv_backward(depthwise, to_weight),
             "matmul": _matmul(gen, rungs), "batch_norm": _batch_norm(gen, rungs), "other": _elementwise(gen, rungs)}
 
 

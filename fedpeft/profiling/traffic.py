@@ -24,8 +24,8 @@ only) sit in bucket 0 with intensity 0: they take bytes / B.
 
 Each op also has a *class* (OP_CLASSES: dense or depthwise/grouped conv, forward or backward,
 matmul, batch norm, other), and the buckets are kept per class too (`class_bucket_flops`,
-`class_bucket_bytes`; `class_kernels`: kernel calls, see kernel_calls): real kernels reach their roofs to very different degrees by
-class (a CPU's depthwise conv backward at 32x32 runs ~30x below its roofline), and
+`class_bucket_bytes`; `class_kernels`: kernel calls, see op_parts): real kernels reach their roofs to very different degrees by
+class (a CPU's depthwise conv weight gradient at 32x32 runs far below its roofline), and
 fedpeft/profiling/kernel_efficiency.py scales each class by an efficiency measured on a machine.
 Summed over the classes the per-class buckets are exactly the step's buckets.
 """
@@ -51,36 +51,49 @@ INTENSITY_EDGES = (0.0,) + tuple(2.0 ** k for k in range(-6, 11))
 PHASES = ("forward", "backward", "optimizer")
 _NO_TRAFFIC = {aten.detach.default, aten.alias.default, aten.lift_fresh.default}
 _FLOPS = {**flop_registry, aten.convolution_backward: shape_wrapper(conv_backward_flop_exact)}
-#: Op classes whose kernels differ in how close they come to the roofline (see op_class).
-OP_CLASSES = ("conv", "conv_backward", "depthwise_conv", "depthwise_conv_backward", "matmul", "batch_norm",
-              "other")
+#: Op classes whose kernels differ in how close they come to the roofline (see op_parts). A conv
+#: backward is two kernels, the input gradient and the weight gradient, each its own class.
+OP_CLASSES = ("conv", "conv_grad_input", "conv_grad_weight", "depthwise_conv", "depthwise_grad_input",
+              "depthwise_grad_weight", "matmul", "batch_norm", "other")
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 
 
-def kernel_calls(func, args) -> int:
-    """Kernels an aten op runs: 1, except a conv backward, which runs one per gradient it computes
-    (input, weight: output_mask), so a frozen layer's backward (input gradient only) counts 1 and
-    a trained one's 2. Each kernel pays its own fixed cost (kernel_efficiency.py)."""
-    if func._overloadpacket == aten.convolution_backward:
-        mask = args[10]
-        return max(1, int(bool(mask[0])) + int(bool(mask[1])))
-    return 1
-
-
 def op_class(func, args) -> str:
-    """The class (OP_CLASSES) of an aten op: convs by groups (> 1: depthwise/grouped) and direction,
-    matmuls, batch norm (forward and backward), everything else (element-wise, copies, reductions,
-    the optimizer's updates)."""
+    """The class (OP_CLASSES) of an aten op other than a conv backward (see op_parts): convs by
+    groups (> 1: depthwise/grouped), matmuls, batch norm (forward and backward), everything else
+    (element-wise, copies, reductions, the optimizer's updates)."""
     packet = func._overloadpacket
     if packet == aten.convolution:
         return "depthwise_conv" if args[8] > 1 else "conv"
-    if packet == aten.convolution_backward:
-        return "depthwise_conv_backward" if args[9] > 1 else "conv_backward"
     if packet in _MATMULS:
         return "matmul"
     if "batch_norm" in packet.__name__:
         return "batch_norm"
     return "other"
+
+
+def op_parts(func, args, kwargs, out) -> list[tuple[str, int, int]]:
+    """(class, FLOPs, bytes) of each kernel an aten op runs: one, except a conv backward, which
+    runs one per gradient it computes (output_mask): the input gradient reads grad_out and the
+    weight and writes grad_input; the weight gradient (with the bias's) reads grad_out and the
+    input and writes grad_weight. Their kernels reach very different rates (a CPU's depthwise
+    weight gradient is far slower than its input gradient), and a frozen layer runs only the first."""
+    formula = _FLOPS.get(func._overloadpacket)
+    if func._overloadpacket != aten.convolution_backward:
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        return [(op_class(func, args), flops, op_bytes(args, kwargs, out, func))]
+    grad_out, x, w, mask = args[0], args[1], args[2], args[10]
+    kind = "depthwise_grad" if args[9] > 1 else "conv_grad"
+    outs = [t if isinstance(t, torch.Tensor) else None for t in out]
+    parts = []
+    if mask[0]:
+        flops = int(formula(*args[:10], [True, False, False], out_val=out))
+        parts.append((f"{kind}_input", flops, tensor_bytes(grad_out) + tensor_bytes(w) + tensor_bytes(outs[0])))
+    if mask[1] or mask[2]:
+        flops = int(formula(*args[:10], [False, mask[1], mask[2]], out_val=out))
+        written = sum(tensor_bytes(t) for t in outs[1:] if t is not None)
+        parts.append((f"{kind}_weight", flops, tensor_bytes(grad_out) + tensor_bytes(x) + written))
+    return parts
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -154,21 +167,20 @@ class TrafficMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _NO_TRAFFIC or getattr(func, "is_view", False):
             return out
-        nbytes = op_bytes(args, kwargs, out, func)
-        formula = _FLOPS.get(func._overloadpacket)
-        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
-        self.bytes[self.phase] += nbytes
-        self.flops[self.phase] += flops
+        moved = 0
+        for cls, flops, nbytes in op_parts(func, args, kwargs, out):
+            self.bytes[self.phase] += nbytes
+            self.flops[self.phase] += flops
+            b = bucket_of(flops, nbytes)
+            self.bucket_flops[b] += flops
+            self.bucket_bytes[b] += nbytes
+            self.class_kernels[cls] += 1
+            self.class_bucket_flops[cls][b] += flops
+            self.class_bucket_bytes[cls][b] += nbytes
+            moved += nbytes
         self.ops[self.phase] += 1
-        b = bucket_of(flops, nbytes)
-        self.bucket_flops[b] += flops
-        self.bucket_bytes[b] += nbytes
-        cls = op_class(func, args)
-        self.class_kernels[cls] += kernel_calls(func, args)
-        self.class_bucket_flops[cls][b] += flops
-        self.class_bucket_bytes[cls][b] += nbytes
         name = str(func._overloadpacket.__name__)
-        self.by_op[name] = self.by_op.get(name, 0) + nbytes
+        self.by_op[name] = self.by_op.get(name, 0) + moved
         return out
 
 
@@ -182,7 +194,7 @@ class StepTraffic:
     bucket_flops: list = field(default_factory=list)
     bucket_bytes: list = field(default_factory=list)
     by_op: dict = field(default_factory=dict)
-    #: per op class (OP_CLASSES): kernel calls (kernel_calls), and FLOPs and bytes per intensity bucket
+    #: per op class (OP_CLASSES): kernel calls (op_parts), and FLOPs and bytes per intensity bucket
     class_kernels: dict = field(default_factory=dict)
     class_bucket_flops: dict = field(default_factory=dict)
     class_bucket_bytes: dict = field(default_factory=dict)
