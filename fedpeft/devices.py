@@ -32,6 +32,9 @@ Simulated cost (no real device is involved):
 the roofline: an op is bound by the ALUs or by the memory, whichever is slower (ops grouped by
 arithmetic intensity in the profile's `traffic`, fedpeft/profiling/traffic.py). Without the step's
 traffic, or for a device without `memory_bytes_per_s`, compute_s = flops / flops_per_s.
+Catalog devices get no kernel-efficiency factors (fedpeft/profiling/kernel_efficiency.py): those
+are measured on the machine that runs the microbenchmarks, and no catalog device's kernels have
+been, so their compute_s stays the roofline: a lower bound where kernels run below their roofs.
 Link bandwidths are in bits per second, payloads in bytes, hence the factor 8; memory bandwidth
 is in bytes per second. Energy is one power
 level for the whole update: `energy_j = power_w * (compute_s + comm_s)`. fedpeft does not model

@@ -119,3 +119,16 @@ def test_a_device_without_a_bandwidth_round_trips_and_times_by_flops():
                   availability=1.0)
     assert Device.from_dict(bare.to_dict()) == bare  # to_dict's None for unset optional fields is accepted
     assert compute_time_s(bare, 4.0, traffic({0: (0, 10 ** 9)})) == 2.0
+
+
+def test_indexing_ops_count_only_the_elements_they_index():
+    big = torch.randn(1000, 8)
+    rows = torch.tensor([3, 7])
+    src = torch.randn(2, 8)
+    index_bytes = rows.numel() * rows.element_size()
+    with torch.no_grad(), TrafficMode() as mode:
+        big.index_select(0, rows)  # reads 2 rows, writes 2 rows
+        big.index_copy_(0, rows, src)  # reads src, writes 2 rows of big
+        big[rows]  # aten.index: as index_select
+    assert mode.ops["forward"] == 3
+    assert mode.bytes["forward"] == 3 * (index_bytes + 2 * 2 * 8 * F32)  # not 1000 x 8 x 4 bytes per op

@@ -24,7 +24,9 @@ from pathlib import Path
 #: 3: TaskEdge allocates one global budget (fewer entries at low density); realised_density stored.
 #: 4: TaskEdge's backward computes the gradient only at the mask (no dense weight gradient).
 #: 5: memory traffic per step (`traffic`: bytes by phase and by arithmetic-intensity bucket).
-SCHEMA_VERSION = 5
+#: 6: `traffic` per op class too (class_kernels: kernel calls, class_bucket_flops, class_bucket_bytes); indexing ops
+#:    (index_select, gather, index, index_copy_, ...) count only the elements they index.
+SCHEMA_VERSION = 6
 
 
 def default_cache_dir() -> Path:
