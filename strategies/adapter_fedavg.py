@@ -207,7 +207,13 @@ class AdapterFedAvg(FedAvg):
         None unless the line is `ok`, `wanted` and its payload decodes and validates (a bad one is
         marked `rejected` with the reason)."""
         replies = list(replies)
-        lines = [self.record(msg, server_round) for msg in replies] + self.unavailable
+        lines = [self.record(msg, server_round) for msg in replies]
+        # Replies arrive in whatever order Ray finishes them. In that order the aggregation's float
+        # sums would differ run to run (fft's final accuracy moved by 2 test images between two runs
+        # of one seed); in client order a run is a function of its seed.
+        order = sorted(range(len(lines)), key=lambda i: (lines[i].get("client_id") is None,
+                                                        lines[i].get("client_id") or 0, lines[i].get("node_id") or 0))
+        replies, lines = [replies[i] for i in order], [lines[i] for i in order] + self.unavailable
         if on_clock and self.clock is not None:
             self.clock_fields = self.clock.settle(lines)
         out = []

@@ -126,6 +126,21 @@ def test_each_hostile_reply_is_rejected_or_weightless_and_the_round_goes_on(hone
     assert metrics["clients-aggregated"] == 2
 
 
+def test_the_global_and_the_log_do_not_depend_on_the_order_replies_arrive(honest, tmp_path):
+    """Ray delivers replies in the order clients finish; the aggregate must be bit-identical anyway."""
+    cfg, replies = honest
+    results = []
+    for name, order in (("forward", [0, 1, 2]), ("shuffled", [2, 0, 1])):
+        strategy = strategy_for(cfg, tmp_path / name)
+        strategy.known_nodes = roll_call_of(replies)
+        record, _ = strategy.aggregate_train(1, [as_message(replies[i], node_id=100 + i) for i in order])
+        lines = strict_json_lines(tmp_path / name / "log" / "clients.jsonl")
+        results.append((decode(record), [r["client_id"] for r in lines]))
+    (first, first_ids), (second, second_ids) = results
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first_ids == second_ids == [0, 1, 2]
+
+
 def test_a_failed_reply_is_logged_with_the_client_and_device_the_roll_call_named(honest, tmp_path):
     cfg, replies = honest
     strategy = strategy_for(cfg, tmp_path)
