@@ -25,7 +25,7 @@ demo: $(SHIM)
 	$(VENV)/bin/fedpeft demo $(DEMO_ARGS)
 
 test: $(SHIM)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=12
 
 clean:
 	rm -rf $(VENV) .fedpeft-cache runs
