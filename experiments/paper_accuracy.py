@@ -104,7 +104,7 @@ class Grid:
 def quick_grid() -> Grid:
     return Grid(central_models=("mobilenet_v2_035",), central_tasks=("impulse_noise",),
                 methods=("fft", "bn_head", "lora", "galore"), epochs=2, fed_models=("mobilenet_v2_035",),
-                fed_methods=("lora",), partitions=("iid",), rounds=1, pretrain_epochs=2, sweep_model="mobilenet_v2_035", sweep_methods=("lora", "galore"),
+                fed_methods=("lora",), fed_tasks=("impulse_noise",), partitions=("iid",), rounds=1, pretrain_epochs=2, sweep_model="mobilenet_v2_035", sweep_methods=("lora", "galore"),
                 ranks=(1, 4))
 
 
