@@ -44,23 +44,12 @@ import fedpeft  # noqa: E402,F401  (torchvision shim)
 import torch  # noqa: E402
 
 from fedpeft.profiling import profile_step  # noqa: E402
-from fedpeft.profiling.kernel_efficiency import calibrated_time_s, measure_kernel_efficiency  # noqa: E402
+from fedpeft.profiling.kernel_efficiency import (calibrated_time_s, measure_kernel_efficiency,  # noqa: E402
+                                                 median_thread_time)
 from fedpeft.profiling.traffic import op_parts, roofline_time_s  # noqa: E402
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "mobilenet_v2_035")
 METHODS = ("fft", "bn_head", "lora", "dora", "galore", "taskedge")
-
-
-def median_thread_time(fn, repeats: int, warmup: int) -> float:
-    """Median per-call CPU seconds of this thread over `repeats` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return statistics.median(times)
 
 
 def calibrate_flops(repeats: int) -> dict:
