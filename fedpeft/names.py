@@ -35,8 +35,8 @@ PRETRAIN_SCHEDULES = {
     "legacy": {"epochs": 8, "lr": 3e-3, "batch_size": 64},
 }
 #: onecycle's peak learning rate per architecture, where 1e-3 is not the one to use. Held-out
-#: source accuracy, digits at 32x32, 12 epochs, seed 0 (2026-12-05, `fedpeft pretrain --model M
-#: --pretrain-lr LR`): mobilenet_v2 0.9667 at 1e-2 (clean digits), 0.9422 at 5e-3, 0.6991 at 1e-3
+#: source accuracy, digits at 32x32, 12 epochs, seed 0, one thread (2026-12-05, `OMP_NUM_THREADS=1
+#: fedpeft pretrain --model M --pretrain-lr LR`): mobilenet_v2 0.9667 at 1e-2 (clean digits), 0.9422 at 5e-3, 0.6991 at 1e-3
 #: (digits 0-4); mobilenet_v2_035 0.9578 at 1e-2; mobilenet_v3_small 0.9733 at 1e-3 but 0.5289 at
 #: 1e-2, so it keeps 1e-3.
 ONECYCLE_PEAK_LR = {"mobilenet_v2": 1e-2, "mobilenet_v2_035": 1e-2}
